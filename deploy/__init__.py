@@ -1,0 +1,2 @@
+"""How modstream runs: the CLI's launch code, the embedded broker, Serve and
+monitoring configuration."""

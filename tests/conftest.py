@@ -1,0 +1,84 @@
+"""Shared fixtures: one embedded broker and one local Ray (with the classifier
+deployed once) per test session; unique topic names and groups per test, so
+tests never see each other's records."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from common.config import Settings, load_settings
+from deploy.broker import EmbeddedBroker
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture(scope="session")
+def modstream_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Default bundles are built here, not in the user's cache."""
+    home = tmp_path_factory.mktemp("modstream-home")
+    os.environ["MODSTREAM_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[EmbeddedBroker]:
+    with EmbeddedBroker() as running:
+        yield running
+
+
+@pytest.fixture
+def make_settings(broker: EmbeddedBroker, modstream_home: Path) -> Callable[..., Settings]:
+    """Settings on the session broker with topics and group unique to this call."""
+
+    def factory(**sections: dict) -> Settings:
+        tag = uuid.uuid4().hex[:8]
+        flags = {
+            "kafka": {"bootstrap": broker.bootstrap, "group_id": f"g-{tag}"},
+            "topics": {"uploads": f"up-{tag}", "verdicts": f"ver-{tag}", "reviews": f"rev-{tag}",
+                       "dlq": f"dlq-{tag}", "state_prefix": f"state-{tag}", "partitions": 2},
+        }
+        for name, values in sections.items():
+            flags[name] = {**flags.get(name, {}), **values}
+        return load_settings(flags, env={})
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(modstream_home: Path) -> Iterator[None]:
+    """One local Ray for the session, with the classifier deployed on it once."""
+    import ray
+    from ray import serve
+
+    from common.bundle import default_bundle
+    from common.config import ClassifierConfig
+    from workers.classifier import classifier_app
+    from workers.ingest import APP_NAME
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"MODSTREAM_HOME": str(modstream_home), "TF_CPP_MIN_LOG_LEVEL": "2"}})
+    serve.start(proxy_location="Disabled")
+    serve.run(classifier_app(str(default_bundle().path), ClassifierConfig(max_batch_size=16)),
+              name=APP_NAME, route_prefix=None)
+    yield
+    serve.shutdown()
+    ray.shutdown()
+
+
+def wait_for(condition: Callable[[], object], timeout_s: float = 60.0, interval_s: float = 0.2,
+             message: str = "condition") -> object:
+    """Poll instead of sleeping a guessed time."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {message}")
+        time.sleep(interval_s)

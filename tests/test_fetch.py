@@ -1,0 +1,446 @@
+"""fetch_bytes against a real HTTP server on 127.0.0.1 and real files: the SSRF
+guards, redirects, size caps and the total deadline."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import socket
+import sys
+import threading
+import time
+import types
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from common.fetch import LoadLimits, fetch_bytes
+from common.loaderrors import LoadError
+
+PAYLOAD = bytes(range(256)) * 40  # 10 KiB
+DEFAULT = LoadLimits()
+LOCAL = LoadLimits(allow_hosts=frozenset({"127.0.0.1"}))
+SMALL_CAP = 64 * 1024
+DRIP_INTERVAL_S = 0.05
+SERVER_PATIENCE_S = 60.0  # longer than HOSTILE_TEST_TIMEOUT_S: a client without guards fails
+HOSTILE_TEST_TIMEOUT_S = 20
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Routes for every server behaviour the tests need, well-behaved and hostile."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        """Keep test output clean."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        path, _, query = self.path.partition("?")
+        route = getattr(self, "route_" + path.strip("/").split("/")[0].replace("-", "_"), None)
+        if route is None:
+            self.send_error(404)
+            return
+        # The client hangs up on purpose in some tests (size cap, deadline).
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            route(path, parse_qs(query))
+
+    def reply(self, body: bytes, status: int = 200) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def redirect(self, location: str) -> None:
+        self.send_response(302)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def route_image(self, path: str, query: dict[str, list[str]]) -> None:
+        self.reply(PAYLOAD)
+
+    def route_echo_host(self, path: str, query: dict[str, list[str]]) -> None:
+        self.reply(self.headers["Host"].encode())
+
+    def route_redirect(self, path: str, query: dict[str, list[str]]) -> None:
+        self.redirect(query["to"][0])
+
+    def route_chain(self, path: str, query: dict[str, list[str]]) -> None:
+        remaining = int(path.rsplit("/", 1)[1])
+        self.redirect(str(remaining - 1) if remaining else "/image")  # relative Locations, as servers send
+
+    def route_big_declared(self, path: str, query: dict[str, list[str]]) -> None:
+        # Declares a gigabyte but sends 10 bytes and hangs up: a client that does not
+        # check Content-Length up front sees a short body (fetch_failed), not too_large.
+        self.send_response(200)
+        self.send_header("Content-Length", str(10**9))
+        self.end_headers()
+        self.wfile.write(b"x" * 10)
+        self.close_connection = True
+
+    def route_big_chunked(self, path: str, query: dict[str, list[str]]) -> None:
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.stream_forever(b"%x\r\n%s\r\n" % (1024, b"y" * 1024), pause_s=0.0)
+
+    def route_big_until_close(self, path: str, query: dict[str, list[str]]) -> None:
+        self.send_response(200)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        self.stream_forever(b"z" * 1024, pause_s=0.0)
+
+    def route_drip_body(self, path: str, query: dict[str, list[str]]) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(10**6))
+        self.end_headers()
+        self.stream_forever(b"d", pause_s=DRIP_INTERVAL_S)
+
+    def route_drip_headers(self, path: str, query: dict[str, list[str]]) -> None:
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        self.stream_forever(b"h", pause_s=DRIP_INTERVAL_S)
+
+    def stream_forever(self, piece: bytes, pause_s: float) -> None:
+        """Send `piece` again and again until the client hangs up (or a long while passes):
+        a client that buffers everything, or has no total deadline, hits the test timeout."""
+        started = time.monotonic()
+        while time.monotonic() - started < SERVER_PATIENCE_S:
+            self.wfile.write(piece)
+            self.wfile.flush()
+            time.sleep(pause_s)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    """Base URL of a local HTTP server, started once for this module."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, name="test-http", daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
+
+
+@pytest.fixture
+def connections(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Records every outgoing connection attempt and refuses it, so nothing leaves the machine."""
+    attempts: list[tuple[str, int]] = []
+
+    def refuse(address: tuple[str, int], *args: object, **kwargs: object) -> socket.socket:
+        attempts.append(address)
+        raise ConnectionRefusedError("test: connections are refused")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    return attempts
+
+
+def failure(uri: str, limits: LoadLimits = DEFAULT) -> LoadError:
+    with pytest.raises(LoadError) as caught:
+        fetch_bytes(uri, limits)
+    return caught.value
+
+
+# --- LoadError and LoadLimits ------------------------------------------------
+
+
+def test_load_error_carries_reason_and_detail_through_str_and_pickle() -> None:
+    error = LoadError("too_large", "42 bytes")
+    assert str(error) == "too_large: 42 bytes"
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.reason, copy.detail) == ("too_large", "42 bytes")
+    with pytest.raises(ValueError, match="reason"):
+        LoadError("nope", "x")  # type: ignore[arg-type]
+
+
+def test_limits_validate_and_normalise() -> None:
+    with pytest.raises(ValueError):
+        LoadLimits(allow_networks=("not-a-cidr",))
+    with pytest.raises(ValueError):
+        LoadLimits(fetch_timeout_s=0)
+    from_config = LoadLimits(allow_hosts={"CDN.Internal."}, allow_networks=["10.8.0.0/16"])  # type: ignore[arg-type]
+    assert from_config.allow_hosts == {"cdn.internal"}
+    assert hash(from_config) == hash(
+        LoadLimits(allow_hosts=frozenset({"cdn.internal"}), allow_networks=("10.8.0.0/16",))
+    )
+
+
+def test_unknown_scheme_is_fetch_failed() -> None:
+    for uri in ("ftp://example.com/a.jpg", "gopher://x/", "a.jpg"):
+        assert failure(uri).reason == "fetch_failed"
+
+
+# --- HTTP: who may be reached ----------------------------------------------
+
+
+def test_local_server_is_refused_by_default(server: str) -> None:
+    error = failure(f"{server}/image")
+    assert error.reason == "fetch_failed"
+    assert "non-public address 127.0.0.1" in error.detail
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "169.254.169.254",  # cloud metadata
+        "10.0.0.1",
+        "192.168.1.1",
+        "100.64.0.1",  # carrier-grade NAT
+        "0.0.0.0",
+        "224.0.0.1",
+        "240.0.0.1",
+        "[::1]",
+        "[::]",
+        "[fe80::1]",
+        "[fc00::1]",
+        "[ff0e::1]",
+        "[::ffff:169.254.169.254]",  # IPv4-mapped
+        "[64:ff9b::a9fe:a9fe]",  # NAT64 of 169.254.169.254
+        "[2002:a9fe:a9fe::1]",  # 6to4 of 169.254.169.254
+    ],
+)
+def test_forbidden_addresses_are_refused_before_any_connection(
+    host: str, connections: list[tuple[str, int]]
+) -> None:
+    error = failure(f"http://{host}/latest/meta-data/")
+    assert error.reason == "fetch_failed"
+    assert "non-public" in error.detail
+    assert connections == []
+
+
+def fake_dns(monkeypatch: pytest.MonkeyPatch, answers: dict[str, list[str]]) -> list[str]:
+    """Resolve the given names to the given addresses; returns the names looked up."""
+    lookups: list[str] = []
+
+    def getaddrinfo(host: str, port: int, *args: object, **kwargs: object) -> list[tuple[Any, ...]]:
+        lookups.append(host)
+        return [
+            (
+                socket.AF_INET6 if ":" in address else socket.AF_INET,
+                socket.SOCK_STREAM,
+                6,
+                "",
+                (address, port),
+            )
+            for address in answers[host]
+        ]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return lookups
+
+
+def test_public_host_is_resolved_once_and_connected_by_pinned_address(
+    monkeypatch: pytest.MonkeyPatch, connections: list[tuple[str, int]]
+) -> None:
+    lookups = fake_dns(monkeypatch, {"cdn.example.test": ["93.184.215.14"]})
+    error = failure("http://cdn.example.test/a.jpg")
+    assert error.reason == "fetch_failed"
+    assert lookups == ["cdn.example.test"]
+    assert connections == [("93.184.215.14", 80)]
+
+
+def test_name_with_any_private_address_is_refused(
+    monkeypatch: pytest.MonkeyPatch, connections: list[tuple[str, int]]
+) -> None:
+    fake_dns(monkeypatch, {"sneaky.example.test": ["93.184.215.14", "10.0.0.5"]})
+    assert "10.0.0.5" in failure("https://sneaky.example.test/a.jpg").detail
+    assert connections == []
+
+
+def test_unresolvable_name_is_fetch_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # "a..b" fails IDNA encoding before any query leaves the machine.
+    error = failure("http://a..b/a.jpg")
+    assert error.reason == "fetch_failed"
+    assert error.detail.startswith("cannot resolve a..b")
+
+    def nxdomain(*args: object, **kwargs: object) -> list[Any]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", nxdomain)
+    assert "cannot resolve" in failure("http://no-such-host.example.test/a.jpg").detail
+
+
+def test_allow_hosts_admits_a_local_server(server: str) -> None:
+    assert fetch_bytes(f"{server}/image", LOCAL) == PAYLOAD
+
+
+def test_allow_networks_admits_a_local_server(server: str) -> None:
+    assert fetch_bytes(f"{server}/image", LoadLimits(allow_networks=("127.0.0.0/8",))) == PAYLOAD
+
+
+def test_host_header_keeps_the_name_while_connecting_to_its_address(server: str) -> None:
+    port = urlsplit(server).port
+    limits = LoadLimits(allow_hosts=frozenset({"localhost"}))
+    assert fetch_bytes(f"http://localhost:{port}/echo-host", limits) == f"localhost:{port}".encode()
+
+
+# --- HTTP: redirects --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "expected_detail"),
+    [
+        ("http://169.254.169.254/latest/meta-data/", "non-public"),
+        ("http://localhost:{port}/image", "non-public"),  # same server, but not by an allowed name
+        ("file:///etc/passwd", "refusing redirect to 'file'"),
+    ],
+)
+def test_redirect_to_a_forbidden_target_is_refused(server: str, target: str, expected_detail: str) -> None:
+    target = target.format(port=urlsplit(server).port)
+    error = failure(f"{server}/redirect?to={target}", LOCAL)
+    assert error.reason == "fetch_failed"
+    assert expected_detail in error.detail
+
+
+def test_redirects_are_followed_up_to_the_limit(server: str) -> None:
+    three = LoadLimits(allow_hosts=LOCAL.allow_hosts, max_redirects=3)
+    assert fetch_bytes(f"{server}/chain/2", three) == PAYLOAD
+    error = failure(f"{server}/chain/2", LoadLimits(allow_hosts=LOCAL.allow_hosts, max_redirects=2))
+    assert "more than 2 redirects" in error.detail
+
+
+# --- HTTP: size, time, status -----------------------------------------------
+
+
+@pytest.mark.timeout(HOSTILE_TEST_TIMEOUT_S)
+@pytest.mark.parametrize("route", ["big-declared", "big-chunked", "big-until-close"])
+def test_oversized_body_is_cut_off(server: str, route: str) -> None:
+    limits = LoadLimits(allow_hosts=LOCAL.allow_hosts, max_bytes=SMALL_CAP)
+    assert failure(f"{server}/{route}", limits).reason == "too_large"
+
+
+@pytest.mark.timeout(HOSTILE_TEST_TIMEOUT_S)
+@pytest.mark.parametrize("route", ["drip-body", "drip-headers"])
+def test_slow_drip_is_cut_off_by_the_total_deadline(server: str, route: str) -> None:
+    # Each byte arrives well within any per-read timeout; only a total deadline stops this.
+    limits = LoadLimits(allow_hosts=LOCAL.allow_hosts, fetch_timeout_s=0.5)
+    error = failure(f"{server}/{route}", limits)
+    assert error.reason == "fetch_failed"
+    assert "timed out" in error.detail
+
+
+def test_http_error_status_is_fetch_failed(server: str) -> None:
+    error = failure(f"{server}/missing", LOCAL)
+    assert error.reason == "fetch_failed"
+    assert "404" in error.detail
+
+
+def test_credentials_in_the_url_stay_out_of_the_detail(server: str) -> None:
+    port = urlsplit(server).port
+    error = failure(f"http://user:secret@127.0.0.1:{port}/missing", LOCAL)
+    assert "secret" not in error.detail
+
+
+# --- file:// -------------------------------------------------------------------
+
+
+def test_file_is_read(tmp_path: Path) -> None:
+    image = tmp_path / "a b.jpg"
+    image.write_bytes(PAYLOAD)
+    assert fetch_bytes(image.as_uri(), LoadLimits()) == PAYLOAD
+
+
+def test_missing_file_is_fetch_failed(tmp_path: Path) -> None:
+    assert failure((tmp_path / "nope.jpg").as_uri()).reason == "fetch_failed"
+
+
+def test_file_over_the_cap_is_too_large(tmp_path: Path) -> None:
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"x" * 11)
+    assert failure(image.as_uri(), LoadLimits(max_bytes=10)).reason == "too_large"
+    assert fetch_bytes(image.as_uri(), LoadLimits(max_bytes=11)) == b"x" * 11
+
+
+def test_file_roots_confine_paths_even_through_symlinks(tmp_path: Path) -> None:
+    root, outside = tmp_path / "uploads", tmp_path / "secret"
+    root.mkdir()
+    outside.mkdir()
+    (root / "ok.jpg").write_bytes(PAYLOAD)
+    (outside / "key.pem").write_bytes(b"secret")
+    (root / "link.jpg").symlink_to(outside / "key.pem")
+    limits = LoadLimits(file_roots=(str(root),))
+    assert fetch_bytes((root / "ok.jpg").as_uri(), limits) == PAYLOAD
+    for sneaky in (outside / "key.pem", root / "link.jpg", root / ".." / "secret" / "key.pem"):
+        error = failure(f"file://{sneaky}", limits)
+        assert error.reason == "fetch_failed"
+        assert "outside the allowed file roots" in error.detail
+
+
+def test_non_regular_files_and_remote_file_hosts_are_refused(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)  # opening it for reading would block forever without a writer
+    for uri in (fifo.as_uri(), tmp_path.as_uri(), "file://fileserver/share/a.jpg", "file:relative.jpg"):
+        assert failure(uri).reason == "fetch_failed"
+
+
+# --- s3:// -----------------------------------------------------------------------
+
+
+def test_s3_without_boto3_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "boto3", None)
+    monkeypatch.setitem(sys.modules, "botocore.exceptions", None)
+    error = failure("s3://bucket/key.jpg")
+    assert error.reason == "fetch_failed"
+    assert "modstream[s3]" in error.detail
+
+
+class FakeBody:
+    """The part of botocore's StreamingBody that fetch uses."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data, self.closed = data, False
+
+    def read(self, amount: int) -> bytes:
+        chunk, self._data = self._data[:amount], self._data[amount:]
+        return chunk
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def fake_s3(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """boto3 is an optional extra, absent here: stand in for the three names fetch uses."""
+    objects: dict[str, Any] = {}
+
+    class Client:
+        def get_object(self, Bucket: str, Key: str) -> dict[str, Any]:  # noqa: N803 - boto3's names
+            size, body = objects[f"{Bucket}/{Key}"]
+            return {"ContentLength": size, "Body": body}
+
+    session = types.SimpleNamespace(client=lambda *args, **kwargs: Client())
+    boto3 = types.ModuleType("boto3")
+    boto3.session = types.SimpleNamespace(Session=lambda: session)
+    config = types.ModuleType("botocore.config")
+    config.Config = lambda **kwargs: kwargs
+    exceptions = types.ModuleType("botocore.exceptions")
+    exceptions.BotoCoreError = type("BotoCoreError", (Exception,), {})
+    exceptions.ClientError = type("ClientError", (Exception,), {})
+    monkeypatch.setitem(sys.modules, "boto3", boto3)
+    monkeypatch.setitem(sys.modules, "botocore.config", config)
+    monkeypatch.setitem(sys.modules, "botocore.exceptions", exceptions)
+    from common import fetch
+
+    fetch._s3_client.cache_clear()
+    yield objects
+    fetch._s3_client.cache_clear()
+
+
+def test_s3_object_is_read_and_capped(fake_s3: dict[str, Any]) -> None:
+    fake_s3["b/ok.jpg"] = (len(PAYLOAD), FakeBody(PAYLOAD))
+    assert fetch_bytes("s3://b/ok.jpg", LoadLimits()) == PAYLOAD
+    declared = FakeBody(b"x")
+    fake_s3["b/declared.jpg"] = (10**9, declared)
+    assert failure("s3://b/declared.jpg").reason == "too_large"
+    assert declared.closed
+    undeclared = FakeBody(b"y" * (SMALL_CAP + 1))
+    fake_s3["b/undeclared.jpg"] = (None, undeclared)
+    assert failure("s3://b/undeclared.jpg", LoadLimits(max_bytes=SMALL_CAP)).reason == "too_large"
+    assert failure("s3://bucket-only").reason == "fetch_failed"
