@@ -186,7 +186,7 @@ def extract_features(data: bytes, img: Image.Image, original_size: tuple[int, in
         md5=md5_hex(data),
         phash=phash_hex(hash_source),
         phash_quality=quality,
-        phash_reliable=quality >= MIN_PHASH_QUALITY,
+        phash_reliable=bool(quality >= MIN_PHASH_QUALITY),
         histogram=histogram,
         cnn_input=tensor,
         width=width,

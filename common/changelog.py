@@ -1,0 +1,98 @@
+"""State changelogs on compacted Kafka topics (``modstream.state.*``).
+
+Actors that hold state (dedup shards, kNN replicas) append every change here
+and replay the topic when they start, so state survives restarts and moves
+with the actor to any node. Replay must know when it has caught up; end
+offsets are unreliable on the embedded broker (FACTS.md), so the reader first
+writes a unique marker to every partition and reads until it has seen all of
+them: this works on any Kafka-compatible broker. Markers are tombstones, so
+compaction removes them on a real cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from kafka import TopicPartition
+
+from common.config import Settings
+from common.errors import ModstreamError
+from common.kafkaio import make_consumer, make_producer
+
+MARKER_PREFIX = "marker:"
+
+
+class ChangelogError(ModstreamError):
+    """The changelog topic could not be written or replayed."""
+
+
+class Changelog:
+    """Append-and-replay access to one state topic; values are JSON objects."""
+
+    def __init__(self, settings: Settings, topic: str) -> None:
+        self.settings = settings
+        self.topic = topic
+        self._producer = None
+
+    def append(self, records: Iterable[tuple[str, dict[str, Any]]], timeout_s: float = 30.0) -> int:
+        """Write records and wait for the broker's acknowledgement of all of them."""
+        if self._producer is None:
+            self._producer = make_producer(self.settings)
+        futures = [self._producer.send(self.topic, key=key, value=json.dumps(value).encode())
+                   for key, value in records]
+        self._producer.flush(timeout=timeout_s)
+        for future in futures:
+            future.get(timeout=timeout_s)
+        return len(futures)
+
+    def replay(self, timeout_s: float = 120.0) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Every record from the start of the topic up to now, in partition order."""
+        consumer = make_consumer(self.settings, topics=None, group_id=None)
+        try:
+            partitions = self._partitions(consumer, timeout_s)
+            consumer.assign(partitions)
+            consumer.seek_to_beginning(*partitions)
+            marker = MARKER_PREFIX + uuid.uuid4().hex
+            producer = make_producer(self.settings)
+            try:
+                for tp in partitions:
+                    producer.send(self.topic, key=marker, value=None, partition=tp.partition)
+                producer.flush(timeout=timeout_s)
+            finally:
+                producer.close()
+            pending = {tp.partition for tp in partitions}
+            deadline = time.monotonic() + timeout_s
+            while pending:
+                if time.monotonic() > deadline:
+                    raise ChangelogError(f"replay of {self.topic} did not reach its markers in {timeout_s}s")
+                for tp, records in consumer.poll(timeout_ms=200).items():
+                    for record in records:
+                        key = record.key.decode() if record.key else ""
+                        if key == marker:
+                            pending.discard(tp.partition)
+                        elif key.startswith(MARKER_PREFIX) or tp.partition not in pending:
+                            continue  # other readers' markers; records after ours are not "now"
+                        elif record.value is not None:
+                            yield key, json.loads(record.value)
+        finally:
+            consumer.close()
+
+    def _partitions(self, consumer, timeout_s: float) -> list[TopicPartition]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            partitions = consumer.partitions_for_topic(self.topic)
+            if partitions:
+                return [TopicPartition(self.topic, p) for p in sorted(partitions)]
+            if time.monotonic() > deadline:
+                raise ChangelogError(f"state topic {self.topic} does not exist")
+            consumer.topics()  # refresh metadata
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.close()
+            self._producer = None

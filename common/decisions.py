@@ -1,0 +1,107 @@
+"""From signals and dedup matches to Verdicts: the pure part of scoring a batch.
+
+Kept apart from the actors so the rules (which source a verdict gets, what a
+replay returns, which images in one batch duplicate each other) are tested
+without Kafka or Ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from common.dedupstate import Entry, Match
+from common.features import ImageFeatures, hamming
+from common.fusion import FusionTree, Thresholds
+from common.messages import Hashes, Signals, UploadEvent, Verdict, utc_timestamp
+
+DUPLICATE_SOURCES = {"exact": "exact_duplicate", "near": "near_duplicate", "image_review": "review_cache"}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A verdict's content before it is stamped with latency and time."""
+
+    action: str
+    label: str
+    score: float
+    source: str
+    matched_image_id: str | None
+    signals: dict
+
+
+def decide_from_match(event: UploadEvent, match: Match) -> Decision:
+    """Reuse a remembered verdict; a replay of the event that made it gets it back as is."""
+    entry = match.entry
+    if match.kind == "exact" and entry.event_id == event.event_id:
+        return Decision(entry.action, entry.label, entry.score, "model", None, dict(entry.signals))
+    source = "review_cache" if entry.reviewed else DUPLICATE_SOURCES[match.kind]
+    return Decision(entry.action, entry.label, entry.score, source, entry.image_id,
+                    {"knn": None, "cnn": None, "hamming": match.distance})
+
+
+def decide_from_model(knn: float | None, cnn: float | None, tree: FusionTree,
+                      thresholds: Thresholds) -> Decision:
+    signals = {"knn": knn, "cnn": cnn, "hamming": None}
+    score = min(1.0, max(0.0, float(tree.predict(signals))))
+    action, label = thresholds.decide(score)
+    return Decision(action, label, score, "model", None, signals)
+
+
+def decide_as_copy(leader: Decision, leader_image_id: str, distance: int, exact: bool) -> Decision:
+    """An image whose original is earlier in the same batch gets the original's verdict."""
+    source = "exact_duplicate" if exact else "near_duplicate"
+    return Decision(leader.action, leader.label, leader.score, source, leader_image_id,
+                    {"knn": None, "cnn": None, "hamming": distance})
+
+
+@dataclass(frozen=True)
+class BatchCopy:
+    """Image ``index`` of a batch copies the earlier image ``leader``."""
+
+    leader: int
+    distance: int
+    exact: bool
+
+
+def batch_copies(features: Sequence[ImageFeatures], max_distance: int) -> dict[int, BatchCopy]:
+    """Copies inside one batch: same MD5, or a reliable pHash within max_distance.
+
+    Dedup state learns a verdict only after its batch, so these are found here.
+    Images absent from the result are leaders: they need the model.
+    """
+    leaders: list[int] = []
+    copies: dict[int, BatchCopy] = {}
+    for i, current in enumerate(features):
+        best: BatchCopy | None = None
+        for j in leaders:
+            if features[j].md5 == current.md5:
+                best = BatchCopy(j, 0, True)
+                break
+            if current.phash_reliable and features[j].phash_reliable:
+                distance = hamming(features[j].phash, current.phash)
+                if distance <= max_distance and (best is None or distance < best.distance):
+                    best = BatchCopy(j, distance, False)
+        if best is None:
+            leaders.append(i)
+        else:
+            copies[i] = best
+    return copies
+
+
+def to_verdict(event: UploadEvent, features: ImageFeatures, decision: Decision, bundle_id: str,
+               latency_ms: float) -> Verdict:
+    return Verdict(
+        event_id=event.event_id, image_id=event.image_id, action=decision.action, label=decision.label,
+        score=decision.score, source=decision.source, matched_image_id=decision.matched_image_id,
+        signals=Signals(**decision.signals), hashes=Hashes(md5=features.md5, phash=features.phash),
+        model_version=bundle_id, latency_ms=max(0.0, latency_ms), ts=utc_timestamp(),
+    )
+
+
+def entry_for(event: UploadEvent, features: ImageFeatures, decision: Decision, bundle_id: str) -> Entry:
+    """What dedup remembers of a model verdict, so copies and replays reuse it."""
+    return Entry(md5=features.md5, phash=features.phash, phash_reliable=features.phash_reliable,
+                 image_id=event.image_id, event_id=event.event_id, action=decision.action,
+                 label=decision.label, score=decision.score, signals=dict(decision.signals),
+                 model_version=bundle_id)

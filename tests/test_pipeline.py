@@ -1,0 +1,206 @@
+"""The pipeline end to end: real embedded broker, real local Ray, real model."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import ray
+from kafka import TopicPartition
+from PIL import Image
+
+from common.config import Settings
+from common.kafkaio import make_consumer
+from common.messages import (
+    DeadLetter,
+    ReviewDecision,
+    UploadEvent,
+    Verdict,
+    parse_dead_letter,
+    parse_verdict,
+)
+from deploy.clients import publish_events, publish_review, upload_event_for
+from deploy.demo import publish_malformed
+from tests.conftest import wait_for
+from workers.pipeline import Pipeline
+
+SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
+pytestmark = pytest.mark.integration
+
+
+class Outputs:
+    """Everything the pipeline wrote to the verdict and dead-letter topics, in order."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.verdicts: list[Verdict] = []
+        self.dead_letters: list[DeadLetter] = []
+        self.consumer = make_consumer(settings, topics=None, group_id=None)
+        self.consumer.topics()
+        partitions = [TopicPartition(t, p) for t in (settings.topics.verdicts, settings.topics.dlq)
+                      for p in sorted(self.consumer.partitions_for_topic(t) or [])]
+        self.consumer.assign(partitions)
+        self.consumer.seek_to_beginning(*partitions)
+
+    def poll(self) -> None:
+        for tp, records in self.consumer.poll(timeout_ms=200).items():
+            for record in records:
+                if tp.topic == self.settings.topics.verdicts:
+                    self.verdicts.append(parse_verdict(record.value))
+                else:
+                    self.dead_letters.append(parse_dead_letter(record.value))
+
+    def wait(self, verdicts: int, dead_letters: int = 0, timeout_s: float = 90.0) -> None:
+        def enough() -> bool:
+            self.poll()
+            return len({v.event_id for v in self.verdicts}) >= verdicts and \
+                len(self.dead_letters) >= dead_letters
+        wait_for(enough, timeout_s, message=f"{verdicts} verdicts and {dead_letters} dead letters")
+
+    def by_image(self) -> dict[str, Verdict]:
+        return {v.image_id: v for v in self.verdicts}
+
+
+@pytest.fixture
+def start_pipeline(ray_cluster, make_settings) -> Iterator[Callable[..., tuple[Pipeline, Outputs]]]:
+    started: list[Pipeline] = []
+
+    def start(settings: Settings | None = None) -> tuple[Pipeline, Outputs]:
+        settings = settings or make_settings()
+        pipeline = Pipeline(settings, deploy_classifier=False).start()
+        started.append(pipeline)
+        return pipeline, Outputs(pipeline.settings)
+
+    yield start
+    for pipeline in started:
+        if pipeline.ingest:
+            pipeline.stop()
+
+
+def resized(path: Path, folder: Path, factor: float = 0.5, name: str | None = None) -> Path:
+    image = Image.open(path)
+    target = folder / (name or f"{path.stem}-resized.jpg")
+    image.resize((int(image.width * factor), int(image.height * factor)), Image.Resampling.LANCZOS).save(
+        target, quality=90)
+    return target
+
+
+def reencoded(path: Path, folder: Path) -> Path:
+    target = folder / f"{path.stem}-q40.jpg"
+    Image.open(path).save(target, quality=40)
+    return target
+
+
+def test_end_to_end_sources_matches_and_dead_letters(start_pipeline, tmp_path) -> None:
+    pipeline, outputs = start_pipeline()
+    settings = pipeline.settings
+    originals = sorted(SAMPLES.glob("*.jpg"))[:4]
+    original_events = [upload_event_for(p, inline=False) for p in originals]
+    publish_events(settings, original_events)
+    outputs.wait(len(originals))
+
+    exact = tmp_path / "exact.jpg"
+    shutil.copyfile(originals[0], exact)
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(originals[0].read_bytes()[:1500])
+    text = tmp_path / "text.jpg"
+    text.write_text("hello")
+    copies = [
+        upload_event_for(exact, inline=False, image_id="exact-copy"),
+        upload_event_for(resized(originals[1], tmp_path), inline=True, image_id="resized-copy"),
+        upload_event_for(reencoded(originals[2], tmp_path), inline=False, image_id="reencoded-copy"),
+    ]
+    bad = [
+        upload_event_for(truncated, inline=False, image_id="truncated"),
+        upload_event_for(text, inline=False, image_id="text"),
+        UploadEvent(event_id="gone", image_id="gone", uri=(tmp_path / "missing.jpg").as_uri()),
+        UploadEvent(event_id="remote", image_id="remote", uri="http://169.254.169.254/latest/meta-data"),
+    ]
+    # Inside one batch too: a new image and its exact copy.
+    fresh = sorted(SAMPLES.glob("*.jpg"))[5]
+    twin = tmp_path / "twin.jpg"
+    shutil.copyfile(fresh, twin)
+    same_batch = [upload_event_for(fresh, inline=False), upload_event_for(twin, inline=False, image_id="twin")]
+    publish_events(settings, copies + bad + same_batch)
+    publish_malformed(settings, [b"not json at all", b'{"schema": 1, "event_id": "no-image"}'])
+    outputs.wait(len(originals) + len(copies) + len(same_batch), dead_letters=len(bad) + 2)
+
+    verdicts = outputs.by_image()
+    assert {v.event_id for v in outputs.verdicts} == {e.event_id for e in [*original_events, *copies,
+                                                                           *same_batch]}
+    assert len(outputs.verdicts) == len({v.event_id for v in outputs.verdicts})  # one verdict per event
+    for original in originals:
+        verdict = verdicts[original.stem]
+        assert verdict.source == "model" and verdict.matched_image_id is None
+        assert verdict.signals.cnn is not None and verdict.model_version == pipeline.bundle_id
+    assert (verdicts["exact-copy"].source, verdicts["exact-copy"].matched_image_id) == \
+        ("exact_duplicate", originals[0].stem)
+    assert (verdicts["resized-copy"].source, verdicts["resized-copy"].matched_image_id) == \
+        ("near_duplicate", originals[1].stem)
+    assert (verdicts["reencoded-copy"].source, verdicts["reencoded-copy"].matched_image_id) == \
+        ("near_duplicate", originals[2].stem)
+    assert verdicts["resized-copy"].signals.cnn is None  # never reached the CNN
+    assert verdicts["exact-copy"].action == verdicts[originals[0].stem].action
+    assert (verdicts["twin"].source, verdicts["twin"].matched_image_id) == ("exact_duplicate", fresh.stem)
+
+    reasons = {d.event_id: d.reason for d in outputs.dead_letters}
+    assert reasons[bad[0].event_id] == "decode_failed"
+    assert reasons[bad[1].event_id] == "unsupported_format"
+    assert reasons["gone"] == "fetch_failed"
+    assert reasons["remote"] == "fetch_failed"
+    malformed = [d for d in outputs.dead_letters if d.reason == "invalid_event"]
+    assert len(malformed) == 2 and {d.event_id for d in malformed} >= {"no-image"}
+    assert len(outputs.dead_letters) == len(bad) + 2
+
+
+def test_review_turns_a_later_resized_copy_into_block(start_pipeline, tmp_path) -> None:
+    pipeline, outputs = start_pipeline()
+    settings = pipeline.settings
+    original = SAMPLES / "beach-01.jpg"
+    publish_events(settings, [upload_event_for(original, inline=False)])
+    outputs.wait(1)
+    assert outputs.by_image()["beach-01"].action != "block"
+
+    publish_review(settings, ReviewDecision(image_id="beach-01", label="adult", reviewer="test"))
+    wait_for(lambda: pipeline.stats().get("reviews_applied", 0) >= 1, message="review applied")
+    later = upload_event_for(resized(original, tmp_path, 0.5), inline=True, image_id="beach-01-small")
+    publish_events(settings, [later])
+    outputs.wait(2)
+    verdict = outputs.by_image()["beach-01-small"]
+    assert (verdict.action, verdict.label, verdict.source, verdict.matched_image_id) == \
+        ("block", "adult", "review_cache", "beach-01")
+    knn_sizes = ray.get([replica.size.remote() for replica in pipeline.knn_replicas])
+    assert knn_sizes == [1] * len(knn_sizes)  # the reviewed image is now a kNN reference
+
+
+def test_dedup_state_survives_a_restart(start_pipeline, make_settings) -> None:
+    settings = make_settings()
+    first, outputs = start_pipeline(settings)
+    original = SAMPLES / "city-01.jpg"
+    publish_events(settings, [upload_event_for(original, inline=False)])
+    outputs.wait(1)
+    first.stop()
+
+    second, outputs = start_pipeline(settings)
+    copy = UploadEvent(event_id=str(uuid.uuid4()), image_id="city-01-again",
+                       data_b64=__import__("base64").b64encode(original.read_bytes()).decode())
+    publish_events(settings, [copy])
+    outputs.wait(2)
+    verdict = outputs.by_image()["city-01-again"]
+    assert (verdict.source, verdict.matched_image_id) == ("exact_duplicate", "city-01")
+
+
+def _jpeg(seed: int) -> bytes:
+    """A distinct small image per seed (noise blocks), for load tests."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
+    image = Image.fromarray(blocks).resize((160, 120), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()

@@ -1,0 +1,73 @@
+"""The CNN as a Ray Serve deployment: method 3 of the talk.
+
+One request per image; ``@serve.batch`` gathers requests from every ingest
+actor into model batches. Serve cannot fill a batch larger than
+``max_ongoing_requests`` (FACTS.md), so that is derived from the batch size.
+The model is loaded once per replica; replicas take ``num_gpus`` when the
+cluster has GPUs and run on CPU otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from common.bundle import resolve_bundle
+from common.cnn import CnnError, CnnModel
+from common.config import ClassifierConfig
+
+DEPLOYMENT_NAME = "Classifier"
+MAX_CONCURRENT_BATCHES = 2  # one batch computing while the next fills
+
+
+@serve.deployment(name=DEPLOYMENT_NAME)
+class Classifier:
+    def __init__(self, bundle_path: str) -> None:
+        self.bundle = resolve_bundle(bundle_path)
+        self.model = CnnModel(self.bundle.cnn)
+        self.model.predict(np.zeros((1, self.model.spec.input_size, self.model.spec.input_size, 3), np.uint8))
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Batch settings change without restarting the replica."""
+        self.score.set_max_batch_size(int(user_config.get("max_batch_size", 32)))
+        self.score.set_batch_wait_timeout_s(float(user_config.get("batch_wait_timeout_s", 0.01)))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
+    async def score(self, images: list[np.ndarray]) -> list[float]:
+        """P(adult) for each image; one result per request or every caller fails."""
+        batch = np.stack(images)
+        scores = await asyncio.get_running_loop().run_in_executor(None, self.model.predict, batch)
+        if len(scores) != len(images):
+            raise CnnError(f"model returned {len(scores)} scores for {len(images)} images")
+        return [float(s) for s in scores]
+
+    async def __call__(self, image: np.ndarray) -> float:
+        return await self.score(image)
+
+    def bundle_id(self) -> str:
+        return self.bundle.id
+
+
+def classifier_options(config: ClassifierConfig) -> dict[str, Any]:
+    """Serve deployment options from modstream's classifier settings."""
+    options: dict[str, Any] = {
+        "max_ongoing_requests": config.max_batch_size * MAX_CONCURRENT_BATCHES * 2,
+        "ray_actor_options": {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
+        "user_config": {"max_batch_size": config.max_batch_size,
+                        "batch_wait_timeout_s": config.batch_wait_timeout_s},
+    }
+    if config.autoscaling:
+        options["autoscaling_config"] = {
+            "min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
+            "target_ongoing_requests": config.target_ongoing_requests,
+        }
+    else:
+        options["num_replicas"] = config.num_replicas
+    return options
+
+
+def classifier_app(bundle_path: str, config: ClassifierConfig) -> serve.Application:
+    return Classifier.options(**classifier_options(config)).bind(bundle_path)

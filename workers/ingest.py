@@ -1,0 +1,361 @@
+"""Ingest actors: one member each of the consumer group on the upload topic.
+
+Two threads per actor. The poll thread owns the Kafka consumer (it is not
+thread-safe): it polls a batch, validates, fetches, decodes and hashes it, and
+queues it; the queue is bounded, which is the backpressure. The score thread
+takes batches in order: dedup lookup, kNN and CNN for the misses, fusion,
+verdicts and dead letters produced and acknowledged, verdicts remembered in
+dedup state, and only then the batch's offsets handed back to the poll thread
+to commit. A crash anywhere before that commit replays the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+from kafka import ConsumerRebalanceListener, TopicPartition
+from kafka.structs import OffsetAndMetadata
+from ray import serve
+
+from common.bundle import resolve_bundle
+from common.config import Settings
+from common.decisions import (
+    Decision,
+    batch_copies,
+    decide_as_copy,
+    decide_from_match,
+    decide_from_model,
+    entry_for,
+    to_verdict,
+)
+from common.decode import decode_image
+from common.dedupstate import ImageRecord, shard_of
+from common.features import ImageFeatures, extract_features
+from common.fetch import LoadLimits, fetch_bytes
+from common.fusion import Thresholds
+from common.kafkaio import make_consumer, make_producer
+from common.loaderrors import LoadError
+from common.messages import (
+    DeadLetter,
+    MessageError,
+    UploadEvent,
+    Verdict,
+    parse_upload_event,
+    peek_event_id,
+    record_placeholder_id,
+    to_json_bytes,
+)
+from workers.classifier import DEPLOYMENT_NAME
+from workers.dedup import lookup_all
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "modstream"
+MODEL_ATTEMPTS = 6  # a killed classifier replica is replaced within a few seconds
+
+
+@dataclass
+class Item:
+    """An accepted event with its features, waiting for a verdict."""
+
+    event: UploadEvent
+    features: ImageFeatures
+    timestamp_ms: int
+
+
+@dataclass
+class Batch:
+    items: list[Item] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    offsets: dict[TopicPartition, int] = field(default_factory=dict)  # next offset to commit
+    # Progress, so a retried batch resumes instead of publishing its verdicts twice.
+    decisions: list[Decision] | None = None
+    verdicts: list[Verdict] | None = None
+    published: bool = False
+
+
+def limits_from(settings: Settings) -> LoadLimits:
+    limits = settings.limits
+    return LoadLimits(max_bytes=limits.max_bytes, max_pixels=limits.max_pixels,
+                      fetch_timeout_s=limits.fetch_timeout_s, allow_hosts=frozenset(limits.allow_hosts),
+                      allow_networks=limits.allow_networks, file_roots=limits.file_roots)
+
+
+class _DrainOnRevoke(ConsumerRebalanceListener):
+    """Finish and commit in-flight batches before giving partitions away."""
+
+    def __init__(self, worker: IngestWorker) -> None:
+        self.worker = worker
+
+    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        self.worker.drain()
+
+    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        log.info("assigned %s", sorted((tp.topic, tp.partition) for tp in assigned))
+
+
+class IngestWorker:
+    """The body of an Ingest actor (a plain class, so it can run without Ray too)."""
+
+    def __init__(self, settings: Settings, shards: list[Any], knn_replicas: list[Any], worker_index: int) -> None:
+        self.settings = settings
+        self.shards = shards
+        self.knn_replicas = knn_replicas
+        self.worker_index = worker_index
+        bundle = resolve_bundle(settings.bundle)
+        self.bundle_id = bundle.id
+        self.fusion = bundle.load_fusion()
+        self.thresholds = Thresholds(block=settings.thresholds.block, review=settings.thresholds.review)
+        self.limits = limits_from(settings)
+        self.draft = (settings.pipeline.draft_size, settings.pipeline.draft_size)
+        self.batches: queue.Queue[Batch | None] = queue.Queue(maxsize=settings.pipeline.max_inflight_batches)
+        self.to_commit: queue.Queue[dict[TopicPartition, int]] = queue.Queue()
+        self.stopping = threading.Event()
+        self.idle = threading.Event()  # set while no batch is queued or being scored
+        self.idle.set()
+        self.counts: Counter[str] = Counter()
+        self.last_activity = time.monotonic()
+        self.producer = make_producer(settings)
+        self.loaders = ThreadPoolExecutor(max_workers=4, thread_name_prefix="load")
+        self.classifier = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=APP_NAME)
+        size = bundle.cnn.input_size
+        self.classifier.remote(np.zeros((size, size, 3), np.uint8)).result(timeout_s=300)  # warm the route
+        self._threads = [threading.Thread(target=self._poll_loop, name="poll", daemon=True),
+                         threading.Thread(target=self._score_loop, name="score", daemon=True)]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self, timeout_s: float = 60.0) -> dict[str, Any]:
+        """Finish what was polled, commit it and leave the group."""
+        self.stopping.set()
+        for thread in self._threads:
+            thread.join(timeout=timeout_s)
+        self.producer.close()
+        self.loaders.shutdown()
+        return self.stats()
+
+    def stats(self) -> dict[str, Any]:
+        return {"worker": self.worker_index, **self.counts, "idle": self.idle.is_set(),
+                "inflight_batches": self.batches.qsize(), "idle_for_s": time.monotonic() - self.last_activity}
+
+    # -- poll thread -------------------------------------------------------------------------------
+
+    def _poll_loop(self) -> None:
+        consumer = make_consumer(self.settings, topics=None, group_id=self.settings.kafka.group_id)
+        consumer.subscribe([self.settings.topics.uploads], listener=_DrainOnRevoke(self))
+        try:
+            while not self.stopping.is_set():
+                self._commit_ready(consumer)
+                polled = consumer.poll(timeout_ms=100, max_records=self.settings.pipeline.poll_records)
+                records = [record for batch in polled.values() for record in batch]
+                if not records:
+                    continue
+                self.idle.clear()
+                self.last_activity = time.monotonic()
+                batch = self._prepare(records)
+                while not self.stopping.is_set():
+                    try:
+                        self.batches.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        self._commit_ready(consumer)
+                else:
+                    break  # stopping: this batch was not scored, so its offsets stay uncommitted
+            self.drain()
+            self._commit_ready(consumer)
+        finally:
+            self.batches.put(None)
+            consumer.close(autocommit=False)
+
+    def drain(self) -> None:
+        """Wait until every queued batch is scored (called on the poll thread)."""
+        while not self.idle.wait(0.1):
+            if not self._threads[1].is_alive():
+                return
+
+    def _commit_ready(self, consumer) -> None:
+        offsets: dict[TopicPartition, int] = {}
+        while True:
+            try:
+                offsets.update(self.to_commit.get_nowait())
+            except queue.Empty:
+                break
+        if offsets:
+            consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()})
+
+    def _prepare(self, records: list) -> Batch:
+        """Validate and load every record; bad ones become dead letters, never exceptions."""
+        batch = Batch()
+        for record in records:
+            tp = TopicPartition(record.topic, record.partition)
+            batch.offsets[tp] = max(batch.offsets.get(tp, 0), record.offset + 1)
+        self.counts["events_consumed"] += len(records)
+        for record, outcome in zip(records, self.loaders.map(self._load, records), strict=True):
+            if isinstance(outcome, DeadLetter):
+                batch.dead_letters.append(outcome)
+            else:
+                batch.items.append(Item(outcome[0], outcome[1], record.timestamp))
+        return batch
+
+    def _load(self, record) -> tuple[UploadEvent, ImageFeatures] | DeadLetter:
+        try:
+            event = parse_upload_event(record.value if record.value is not None else b"")
+        except MessageError as exc:
+            event_id = peek_event_id(record.value) or record_placeholder_id(
+                record.topic, record.partition, record.offset)
+            return DeadLetter.for_record(event_id, "invalid_event", str(exc), record.value)
+        try:
+            data = event.inline_bytes()
+            if data is None:
+                data = fetch_bytes(event.uri, self.limits)
+            image = decode_image(data, self.limits, draft_to=self.draft)
+            return event, extract_features(data, image, image.size)
+        except LoadError as exc:
+            return DeadLetter.for_record(event.event_id, exc.reason, exc.detail, record.value)
+
+    # -- score thread ------------------------------------------------------------------------------
+
+    def _score_loop(self) -> None:
+        while True:
+            batch = self.batches.get()
+            if batch is None:
+                self.idle.set()
+                return
+            attempt = 0
+            while True:
+                try:
+                    self._score(batch)
+                    break
+                except Exception:  # an actor or the broker failed: retry, never drop
+                    attempt += 1
+                    log.exception("scoring a batch failed (attempt %d); retrying", attempt)
+                    if self.stopping.is_set() and attempt >= 3:
+                        return  # not committed: the next owner of these partitions replays it
+                    time.sleep(min(5.0, 0.2 * 2**attempt))
+            self.to_commit.put(batch.offsets)
+            if self.batches.empty():
+                self.idle.set()
+            self.last_activity = time.monotonic()
+
+    def _score(self, batch: Batch) -> None:
+        """Decide, publish, remember; each step is skipped when a retry finds it done."""
+        items = batch.items
+        if batch.verdicts is None:
+            decisions = self._decide(items)
+            received_ms = time.time() * 1000
+            batch.verdicts = [to_verdict(item.event, item.features, decision, self.bundle_id,
+                                         received_ms - item.timestamp_ms if item.timestamp_ms > 0 else 0.0)
+                              for item, decision in zip(items, decisions, strict=True)]
+            batch.decisions = decisions
+        if not batch.published:
+            self._publish(batch.verdicts, batch.dead_letters)
+            batch.published = True
+        self._remember(items, batch.decisions)
+        for verdict in batch.verdicts:
+            self.counts[f"verdicts_{verdict.action}"] += 1
+            self.counts[f"source_{verdict.source}"] += 1
+        for dead in batch.dead_letters:
+            self.counts[f"dead_{dead.reason}"] += 1
+        self.counts["verdicts"] += len(batch.verdicts)
+        self.counts["dead_letters"] += len(batch.dead_letters)
+
+    def _publish(self, verdicts: list[Verdict], dead_letters: list[DeadLetter]) -> None:
+        """Send and wait for the broker's acknowledgement of every record."""
+        topics = self.settings.topics
+        futures = [self.producer.send(topics.verdicts, key=v.image_id, value=to_json_bytes(v)) for v in verdicts]
+        futures += [self.producer.send(topics.dlq, key=d.event_id, value=to_json_bytes(d)) for d in dead_letters]
+        self.producer.flush()
+        for future in futures:
+            future.get(timeout=30)
+
+    def _decide(self, items: list[Item]) -> list[Decision]:
+        """Dedup first; only images with no earlier verdict reach kNN and the CNN."""
+        features = [item.features for item in items]
+        matches = lookup_all(self.shards, [(f.md5, f.phash, f.phash_reliable, item.event.image_id)
+                                           for f, item in zip(features, items, strict=True)])
+        decisions: list[Decision | None] = [None] * len(items)
+        unmatched = [i for i, match in enumerate(matches) if match is None]
+        for i, match in enumerate(matches):
+            if match is not None:
+                decisions[i] = decide_from_match(items[i].event, match)
+        copies = batch_copies([features[i] for i in unmatched], self.settings.pipeline.phash_max_distance)
+        leaders = [i for position, i in enumerate(unmatched) if position not in copies]
+        for i, (knn, cnn) in zip(leaders, self._model_signals([features[i] for i in leaders]), strict=True):
+            decisions[i] = decide_from_model(knn, cnn, self.fusion, self.thresholds)
+        for position, copy in copies.items():
+            leader = unmatched[copy.leader]
+            decisions[unmatched[position]] = decide_as_copy(
+                decisions[leader], items[leader].event.image_id, copy.distance, copy.exact)
+        return decisions
+
+    def _model_signals(self, features: list[ImageFeatures]) -> list[tuple[float | None, float | None]]:
+        if not features:
+            return []
+        replica = self.knn_replicas[self.counts["knn_calls"] % len(self.knn_replicas)]
+        self.counts["knn_calls"] += 1
+        knn_ref = replica.probabilities.remote(np.stack([f.histogram for f in features]))
+        cnn = self._classify([f.cnn_input for f in features])
+        knn = ray.get(knn_ref)
+        return [(None if k is None else float(k), c) for k, c in zip(knn, cnn, strict=True)]
+
+    def _classify(self, images: list[np.ndarray]) -> list[float]:
+        """One Serve request per image, so replicas batch across every ingest actor."""
+        scores: list[float | None] = [None] * len(images)
+        pending = list(range(len(images)))
+        for attempt in range(MODEL_ATTEMPTS):
+            responses = {i: self.classifier.remote(images[i]) for i in pending}
+            failed = []
+            for i, response in responses.items():
+                try:
+                    scores[i] = float(response.result(timeout_s=120))
+                except Exception:  # replica died or timed out: ask again
+                    failed.append(i)
+            if not failed:
+                return scores  # type: ignore[return-value]
+            log.warning("classifier failed for %d images (attempt %d); retrying", len(failed), attempt + 1)
+            pending = failed
+            time.sleep(min(5.0, 0.5 * 2**attempt))
+        raise RuntimeError(f"classifier failed for {len(pending)} images after {MODEL_ATTEMPTS} attempts")
+
+    def _remember(self, items: list[Item], decisions: list[Decision]) -> None:
+        """Model verdicts under their hashes, every image under its id: durable before commit."""
+        shards = len(self.shards)
+        entries: list[list] = [[] for _ in range(shards)]
+        images: list[list] = [[] for _ in range(shards)]
+        for item, decision in zip(items, decisions, strict=True):
+            f = item.features
+            if decision.source == "model" and decision.matched_image_id is None:
+                entries[shard_of(f.md5, shards)].append(entry_for(item.event, f, decision, self.bundle_id))
+            images[shard_of(item.event.image_id, shards)].append(ImageRecord(
+                image_id=item.event.image_id, md5=f.md5, phash=f.phash, phash_reliable=f.phash_reliable,
+                histogram=[round(float(x), 6) for x in f.histogram]))
+        ray.get([shard.remember_many.remote(entries[i], images[i])
+                 for i, shard in enumerate(self.shards) if entries[i] or images[i]])
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class Ingest:
+    """Ray actor around IngestWorker; Ray restarts it if it dies and it rejoins the group."""
+
+    def __init__(self, settings: Settings, shards: list[Any], knn_replicas: list[Any], worker_index: int) -> None:
+        logging.basicConfig(level=logging.INFO)
+        self.worker = IngestWorker(settings, shards, knn_replicas,
+                                   worker_index)
+        self.worker.start()
+
+    def stats(self) -> dict[str, Any]:
+        return self.worker.stats()
+
+    def stop(self) -> dict[str, Any]:
+        return self.worker.stop()
