@@ -33,7 +33,7 @@ def _common_options() -> argparse.ArgumentParser:
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
     """The flags given on the command line, in the config file's shape."""
     flags: dict[str, Any] = {"kafka": {"bootstrap": getattr(args, "bootstrap", None)}}
-    for name in ("bundle",):
+    for name in ("bundle", "metrics_port"):
         if getattr(args, name, None) is not None:
             flags[name] = getattr(args, name)
     return flags
@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "examples:\n  modstream run --bootstrap kafka:9092\n"
                     "  modstream run --bootstrap 127.0.0.1:9092 --exit-when-idle 10")
     run.add_argument("--bundle", help=_env_help("model bundle directory (default: built-in)", None, "bundle"))
+    run.add_argument("--metrics-port", type=int, default=None,
+                     help=_env_help("serve /metrics on this port (0: off)", None, "metrics_port"))
     run.add_argument("--exit-when-idle", type=float, default=None, metavar="SECONDS",
                      help="drain, commit and exit after this long without new events")
     run.set_defaults(handler=cmd_run)

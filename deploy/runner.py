@@ -31,12 +31,17 @@ def kafka_for(settings: Settings) -> Iterator[Settings]:
 @contextlib.contextmanager
 def ray_for(settings: Settings) -> Iterator[None]:
     """Connect to ``ray_address`` or start a quiet local Ray for this process."""
+    from common.metrics import MULTIPROC_ENV, prepare_multiprocess_dir, serve_metrics
+
+    metrics_dir = os.environ.get(MULTIPROC_ENV) or prepare_multiprocess_dir()
     import ray
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    env = {MULTIPROC_ENV: metrics_dir, "TF_CPP_MIN_LOG_LEVEL": "2"}
     ray.init(address=settings.ray_address or None, logging_level=logging.WARNING, log_to_driver=False,
-             include_dashboard=False, configure_logging=True)
+             include_dashboard=False, runtime_env={"env_vars": env})
+    if settings.metrics_port:
+        serve_metrics(settings.metrics_port, path=metrics_dir)
+        print(f"metrics on http://0.0.0.0:{settings.metrics_port}/metrics", file=sys.stderr)
     try:
         yield
     finally:

@@ -51,10 +51,20 @@ def make_settings(broker: EmbeddedBroker, modstream_home: Path) -> Callable[...,
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(modstream_home: Path) -> Iterator[None]:
+def metrics_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Where this session's Ray workers write their metric files."""
+    from common.metrics import prepare_multiprocess_dir
+
+    return prepare_multiprocess_dir(str(tmp_path_factory.mktemp("metrics")))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(modstream_home: Path, metrics_dir: str) -> Iterator[None]:
     """One local Ray for the session, with the classifier deployed on it once."""
     import ray
     from ray import serve
+
+    from common.metrics import MULTIPROC_ENV
 
     from common.bundle import default_bundle
     from common.config import ClassifierConfig
@@ -62,7 +72,8 @@ def ray_cluster(modstream_home: Path) -> Iterator[None]:
     from workers.ingest import APP_NAME
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"MODSTREAM_HOME": str(modstream_home), "TF_CPP_MIN_LOG_LEVEL": "2"}})
+             runtime_env={"env_vars": {"MODSTREAM_HOME": str(modstream_home), "TF_CPP_MIN_LOG_LEVEL": "2",
+                                       MULTIPROC_ENV: metrics_dir}})
     serve.start(proxy_location="Disabled")
     serve.run(classifier_app(str(default_bundle().path), ClassifierConfig(max_batch_size=16)),
               name=APP_NAME, route_prefix=None)

@@ -42,7 +42,8 @@ def test_unreadable_file_is_a_config_error(tmp_path) -> None:
 
 
 def test_sasl_settings_pass_through_and_the_password_stays_secret() -> None:
-    settings = load_settings(env={"MODSTREAM_KAFKA_BOOTSTRAP": "k:9093", "MODSTREAM_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+    settings = load_settings(env={"MODSTREAM_KAFKA_BOOTSTRAP": "k:9093",
+                                  "MODSTREAM_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
                                   "MODSTREAM_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
                                   "MODSTREAM_KAFKA_SASL_USERNAME": "ms", "MODSTREAM_KAFKA_SASL_PASSWORD": "s3cret"})
     kwargs = settings.kafka_client_kwargs()

@@ -10,11 +10,13 @@ cluster has GPUs and run on CPU otherwise.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import numpy as np
 from ray import serve
 
+from common import metrics  # by module: Serve pickles the class by value, metrics are not picklable
 from common.bundle import resolve_bundle
 from common.cnn import CnnError, CnnModel
 from common.config import ClassifierConfig
@@ -29,6 +31,8 @@ class Classifier:
         self.bundle = resolve_bundle(bundle_path)
         self.model = CnnModel(self.bundle.cnn)
         self.model.predict(np.zeros((1, self.model.spec.input_size, self.model.spec.input_size, 3), np.uint8))
+        metrics.BUNDLE_INFO.labels(bundle_id=self.bundle.id).set(1)
+        metrics.CLASSIFIER_REPLICAS.set(1)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Batch settings change without restarting the replica."""
@@ -36,16 +40,25 @@ class Classifier:
         self.score.set_batch_wait_timeout_s(float(user_config.get("batch_wait_timeout_s", 0.01)))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
-    async def score(self, images: list[np.ndarray]) -> list[float]:
+    async def score(self, requests: list[tuple[np.ndarray, float]]) -> list[float]:
         """P(adult) for each image; one result per request or every caller fails."""
-        batch = np.stack(images)
-        scores = await asyncio.get_running_loop().run_in_executor(None, self.model.predict, batch)
-        if len(scores) != len(images):
-            raise CnnError(f"model returned {len(scores)} scores for {len(images)} images")
+        started = time.perf_counter()
+        for _, arrived in requests:
+            metrics.STAGE_LATENCY.labels(stage="classifier_queue").observe(started - arrived)
+        batch = np.stack([image for image, _ in requests])
+        metrics.CLASSIFIER_BATCH_SIZE.observe(len(batch))
+        try:
+            scores = await asyncio.get_running_loop().run_in_executor(None, self.model.predict, batch)
+            if len(scores) != len(requests):
+                raise CnnError(f"model returned {len(scores)} scores for {len(requests)} images")
+        except Exception:
+            metrics.CLASSIFIER_ERRORS.inc(len(requests))
+            raise
+        metrics.STAGE_LATENCY.labels(stage="classifier_batch").observe(time.perf_counter() - started)
         return [float(s) for s in scores]
 
     async def __call__(self, image: np.ndarray) -> float:
-        return await self.score(image)
+        return await self.score((image, time.perf_counter()))
 
     def bundle_id(self) -> str:
         return self.bundle.id

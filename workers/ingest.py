@@ -26,6 +26,7 @@ from kafka import ConsumerRebalanceListener, TopicPartition
 from kafka.structs import OffsetAndMetadata
 from ray import serve
 
+from common import metrics  # by module: Ray pickles actor classes by value
 from common.bundle import resolve_bundle
 from common.config import Settings
 from common.decisions import (
@@ -61,6 +62,8 @@ log = logging.getLogger(__name__)
 
 APP_NAME = "modstream"
 MODEL_ATTEMPTS = 6  # a killed classifier replica is replaced within a few seconds
+LAG_INTERVAL_S = 5.0
+LOOKUP_RESULTS = {"exact": "exact", "near": "near", "image_review": "review"}
 
 
 @dataclass
@@ -113,6 +116,7 @@ class IngestWorker:
         self.worker_index = worker_index
         bundle = resolve_bundle(settings.bundle)
         self.bundle_id = bundle.id
+        metrics.BUNDLE_INFO.labels(bundle_id=bundle.id).set(1)
         self.fusion = bundle.load_fusion()
         self.thresholds = Thresholds(block=settings.thresholds.block, review=settings.thresholds.review)
         self.limits = limits_from(settings)
@@ -154,15 +158,20 @@ class IngestWorker:
     def _poll_loop(self) -> None:
         consumer = make_consumer(self.settings, topics=None, group_id=self.settings.kafka.group_id)
         consumer.subscribe([self.settings.topics.uploads], listener=_DrainOnRevoke(self))
+        next_lag_report = 0.0
         try:
             while not self.stopping.is_set():
                 self._commit_ready(consumer)
+                if time.monotonic() >= next_lag_report:
+                    report_lag(consumer)
+                    next_lag_report = time.monotonic() + LAG_INTERVAL_S
                 polled = consumer.poll(timeout_ms=100, max_records=self.settings.pipeline.poll_records)
                 records = [record for batch in polled.values() for record in batch]
                 if not records:
                     continue
                 self.idle.clear()
                 self.last_activity = time.monotonic()
+                metrics.INFLIGHT_BATCHES.inc()
                 batch = self._prepare(records)
                 while not self.stopping.is_set():
                     try:
@@ -201,6 +210,7 @@ class IngestWorker:
             tp = TopicPartition(record.topic, record.partition)
             batch.offsets[tp] = max(batch.offsets.get(tp, 0), record.offset + 1)
         self.counts["events_consumed"] += len(records)
+        metrics.EVENTS_CONSUMED.labels(topic=self.settings.topics.uploads).inc(len(records))
         for record, outcome in zip(records, self.loaders.map(self._load, records), strict=True):
             if isinstance(outcome, DeadLetter):
                 batch.dead_letters.append(outcome)
@@ -216,11 +226,18 @@ class IngestWorker:
                 record.topic, record.partition, record.offset)
             return DeadLetter.for_record(event_id, "invalid_event", str(exc), record.value)
         try:
+            started = time.perf_counter()
             data = event.inline_bytes()
             if data is None:
                 data = fetch_bytes(event.uri, self.limits)
+                metrics.STAGE_LATENCY.labels(stage="fetch").observe(time.perf_counter() - started)
+            started = time.perf_counter()
             image = decode_image(data, self.limits, draft_to=self.draft)
-            return event, extract_features(data, image, image.size)
+            decoded = time.perf_counter()
+            features = extract_features(data, image, image.size)
+            metrics.STAGE_LATENCY.labels(stage="decode").observe(decoded - started)
+            metrics.STAGE_LATENCY.labels(stage="hash").observe(time.perf_counter() - decoded)
+            return event, features
         except LoadError as exc:
             return DeadLetter.for_record(event.event_id, exc.reason, exc.detail, record.value)
 
@@ -244,6 +261,7 @@ class IngestWorker:
                         return  # not committed: the next owner of these partitions replays it
                     time.sleep(min(5.0, 0.2 * 2**attempt))
             self.to_commit.put(batch.offsets)
+            metrics.INFLIGHT_BATCHES.dec()
             if self.batches.empty():
                 self.idle.set()
             self.last_activity = time.monotonic()
@@ -265,8 +283,11 @@ class IngestWorker:
         for verdict in batch.verdicts:
             self.counts[f"verdicts_{verdict.action}"] += 1
             self.counts[f"source_{verdict.source}"] += 1
+            metrics.VERDICTS.labels(action=verdict.action, source=verdict.source).inc()
+            metrics.STAGE_LATENCY.labels(stage="end_to_end").observe(verdict.latency_ms / 1000)
         for dead in batch.dead_letters:
             self.counts[f"dead_{dead.reason}"] += 1
+            metrics.DEAD_LETTERS.labels(reason=dead.reason).inc()
         self.counts["verdicts"] += len(batch.verdicts)
         self.counts["dead_letters"] += len(batch.dead_letters)
 
@@ -282,8 +303,13 @@ class IngestWorker:
     def _decide(self, items: list[Item]) -> list[Decision]:
         """Dedup first; only images with no earlier verdict reach kNN and the CNN."""
         features = [item.features for item in items]
+        started = time.perf_counter()
         matches = lookup_all(self.shards, [(f.md5, f.phash, f.phash_reliable, item.event.image_id)
                                            for f, item in zip(features, items, strict=True)])
+        metrics.STAGE_LATENCY.labels(stage="dedup").observe(time.perf_counter() - started)
+        for match in matches:
+            if match is not None:
+                metrics.DEDUP_LOOKUPS.labels(result=LOOKUP_RESULTS[match.kind]).inc()
         decisions: list[Decision | None] = [None] * len(items)
         unmatched = [i for i, match in enumerate(matches) if match is None]
         for i, match in enumerate(matches):
@@ -291,8 +317,15 @@ class IngestWorker:
                 decisions[i] = decide_from_match(items[i].event, match)
         copies = batch_copies([features[i] for i in unmatched], self.settings.pipeline.phash_max_distance)
         leaders = [i for position, i in enumerate(unmatched) if position not in copies]
-        for i, (knn, cnn) in zip(leaders, self._model_signals([features[i] for i in leaders]), strict=True):
+        for copy in copies.values():  # found inside this batch, before dedup state knew the original
+            metrics.DEDUP_LOOKUPS.labels(result="exact" if copy.exact else "near").inc()
+        metrics.DEDUP_LOOKUPS.labels(result="miss").inc(len(leaders))
+        signals = self._model_signals([features[i] for i in leaders])
+        started = time.perf_counter()
+        for i, (knn, cnn) in zip(leaders, signals, strict=True):
             decisions[i] = decide_from_model(knn, cnn, self.fusion, self.thresholds)
+        if leaders:
+            metrics.STAGE_LATENCY.labels(stage="fusion").observe(time.perf_counter() - started)
         for position, copy in copies.items():
             leader = unmatched[copy.leader]
             decisions[unmatched[position]] = decide_as_copy(
@@ -320,6 +353,7 @@ class IngestWorker:
                 try:
                     scores[i] = float(response.result(timeout_s=120))
                 except Exception:  # replica died or timed out: ask again
+                    metrics.CLASSIFIER_ERRORS.inc()
                     failed.append(i)
             if not failed:
                 return scores  # type: ignore[return-value]
@@ -359,3 +393,23 @@ class Ingest:
 
     def stop(self) -> dict[str, Any]:
         return self.worker.stop()
+
+
+def report_lag(consumer) -> None:
+    """Lag per assigned partition: end offset minus committed offset.
+
+    The embedded broker can report end offsets wrongly (FACTS.md); a negative
+    difference is such a report and is shown as 0 rather than trusted.
+    """
+    assigned = list(consumer.assignment())
+    if not assigned:
+        return
+    try:
+        ends = consumer.end_offsets(assigned)
+    except Exception:  # lag is advisory: never let it stop ingest
+        log.debug("end offsets unavailable", exc_info=True)
+        return
+    for tp in assigned:
+        committed = consumer.committed(tp) or 0
+        lag = max(0, ends.get(tp, 0) - committed)
+        metrics.CONSUMER_LAG.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)

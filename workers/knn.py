@@ -5,9 +5,12 @@ concurrent add and query)."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import ray
 
+from common import metrics  # by module: Ray pickles actor classes by value
 from common.bundle import resolve_bundle
 from common.changelog import Changelog
 from common.config import Settings
@@ -38,7 +41,10 @@ class KnnReplica:
         return len(self.index)
 
     def probabilities(self, histograms: np.ndarray) -> list[float | None]:
-        return self.index.probabilities(histograms)
+        started = time.perf_counter()
+        answers = self.index.probabilities(histograms)
+        metrics.STAGE_LATENCY.labels(stage="knn").observe(time.perf_counter() - started)
+        return answers
 
     def size(self) -> int:
         return len(self.index)

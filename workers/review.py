@@ -14,6 +14,7 @@ from typing import Any
 
 import ray
 
+from common import metrics  # by module: Ray pickles actor classes by value
 from common.changelog import Changelog
 from common.config import Settings
 from common.dedupstate import shard_of
@@ -94,6 +95,7 @@ class ReviewFeedback:
             try:
                 self.applier.apply(decision)
                 self.applied += 1
+                metrics.REVIEWS_APPLIED.labels(label=decision.label).inc()
                 return
             except ray.exceptions.RayError:  # a shard is restarting: try again
                 log.exception("applying review of %s failed; retrying", decision.image_id)
