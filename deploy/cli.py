@@ -5,6 +5,7 @@ meet in one place (common.config.load_settings)."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import signal
 import sys
 import threading
@@ -15,6 +16,10 @@ from common.config import ConfigError, Settings, env_var_name, load_settings
 from common.errors import ModstreamError
 
 Handler = Callable[[argparse.Namespace, Settings], int]
+
+# Modules that add subcommands of their own through ``register(subparsers, common)``;
+# they keep heavy imports inside their handlers so ``modstream --help`` stays fast.
+EXTENSIONS: tuple[str, ...] = ()
 
 
 def _env_help(text: str, section: str | None, field: str) -> str:
@@ -190,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     description="Prints the manifest of DIR, or of the configured/default bundle.")
     inspect.add_argument("dir", nargs="?", default=None)
     inspect.set_defaults(handler=cmd_bundle_inspect)
+
+    for module in EXTENSIONS:
+        importlib.import_module(module).register(sub, common)
     return parser
 
 

@@ -64,10 +64,9 @@ def ray_cluster(modstream_home: Path, metrics_dir: str) -> Iterator[None]:
     import ray
     from ray import serve
 
-    from common.metrics import MULTIPROC_ENV
-
     from common.bundle import default_bundle
     from common.config import ClassifierConfig
+    from common.metrics import MULTIPROC_ENV
     from workers.classifier import classifier_app
     from workers.ingest import APP_NAME
 
