@@ -28,16 +28,18 @@ class Decision:
     source: str
     matched_image_id: str | None
     signals: dict
+    model_version: str | None = None  # the bundle that made a remembered verdict; None: the current one
 
 
 def decide_from_match(event: UploadEvent, match: Match) -> Decision:
     """Reuse a remembered verdict; a replay of the event that made it gets it back as is."""
     entry = match.entry
     if match.kind == "exact" and entry.event_id == event.event_id:
-        return Decision(entry.action, entry.label, entry.score, "model", None, dict(entry.signals))
+        return Decision(entry.action, entry.label, entry.score, "model", None, dict(entry.signals),
+                        entry.model_version or None)
     source = "review_cache" if entry.reviewed else DUPLICATE_SOURCES[match.kind]
     return Decision(entry.action, entry.label, entry.score, source, entry.image_id,
-                    {"knn": None, "cnn": None, "hamming": match.distance})
+                    {"knn": None, "cnn": None, "hamming": match.distance}, entry.model_version or None)
 
 
 def decide_from_model(knn: float | None, cnn: float | None, tree: FusionTree,
@@ -52,7 +54,7 @@ def decide_as_copy(leader: Decision, leader_image_id: str, distance: int, exact:
     """An image whose original is earlier in the same batch gets the original's verdict."""
     source = "exact_duplicate" if exact else "near_duplicate"
     return Decision(leader.action, leader.label, leader.score, source, leader_image_id,
-                    {"knn": None, "cnn": None, "hamming": distance})
+                    {"knn": None, "cnn": None, "hamming": distance}, leader.model_version)
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ def to_verdict(event: UploadEvent, features: ImageFeatures, decision: Decision, 
         event_id=event.event_id, image_id=event.image_id, action=decision.action, label=decision.label,
         score=decision.score, source=decision.source, matched_image_id=decision.matched_image_id,
         signals=Signals(**decision.signals), hashes=Hashes(md5=features.md5, phash=features.phash),
-        model_version=bundle_id, latency_ms=max(0.0, latency_ms), ts=utc_timestamp(),
+        model_version=decision.model_version or bundle_id, latency_ms=max(0.0, latency_ms), ts=utc_timestamp(),
     )
 
 

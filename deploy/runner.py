@@ -37,7 +37,8 @@ def ray_for(settings: Settings) -> Iterator[None]:
     import ray
 
     env = {MULTIPROC_ENV: metrics_dir, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    ray.init(address=settings.ray_address or None, logging_level=logging.WARNING, log_to_driver=False,
+    # "local": a Ray of our own unless told otherwise; never join some other local session by surprise.
+    ray.init(address=settings.ray_address or "local", logging_level=logging.WARNING, log_to_driver=False,
              include_dashboard=False, runtime_env={"env_vars": env})
     if settings.metrics_port:
         serve_metrics(settings.metrics_port, path=metrics_dir)

@@ -74,6 +74,14 @@ def test_replay_of_the_event_that_made_an_entry_gets_the_model_verdict_back() ->
     assert (reviewed.source, reviewed.action) == ("review_cache", "block")
 
 
+def test_a_remembered_verdict_keeps_the_bundle_that_made_it() -> None:
+    from dataclasses import replace
+
+    remembered = replace(entry(A, "00000000000000ff", "img-a", event_id="e1"), model_version="bundle-old")
+    assert decide_from_match(event("e1", "img-a"), Match("exact", remembered, 0)).model_version == "bundle-old"
+    assert decide_from_match(event("e2", "b"), Match("near", remembered, 1)).model_version == "bundle-old"
+
+
 def test_copies_inside_one_batch_point_at_their_first_occurrence() -> None:
     batch = [features(A, "00000000000000ff"), features(B, "00000000000000fe"), features(A, "00000000000000ff"),
              features("c" * 32, "00000000000000fe", reliable=False), features("d" * 32, "ff00000000000000")]

@@ -14,7 +14,6 @@ from deploy.broker import free_loopback_port
 from deploy.clients import publish_events, upload_event_for
 from deploy.demo import publish_malformed
 from tests.conftest import wait_for
-from tests.test_pipeline import Outputs, start_pipeline  # noqa: F401  (fixture)
 
 SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
 pytestmark = pytest.mark.integration
@@ -34,7 +33,7 @@ def total(values: dict, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in values.items() if n == name and wanted <= set(ls))
 
 
-def test_counts_add_up_after_a_small_run(start_pipeline, metrics_dir, tmp_path) -> None:  # noqa: F811
+def test_counts_add_up_after_a_small_run(start_pipeline, metrics_dir, tmp_path) -> None:
     registry = multiprocess_registry(metrics_dir)
     before = samples_of(registry)
     pipeline, outputs = start_pipeline()

@@ -5,80 +5,19 @@ from __future__ import annotations
 import io
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import ray
-from kafka import TopicPartition
 from PIL import Image
 
-from common.config import Settings
-from common.kafkaio import make_consumer
-from common.messages import (
-    DeadLetter,
-    ReviewDecision,
-    UploadEvent,
-    Verdict,
-    parse_dead_letter,
-    parse_verdict,
-)
+from common.messages import ReviewDecision, UploadEvent
 from deploy.clients import publish_events, publish_review, upload_event_for
 from deploy.demo import publish_malformed
 from tests.conftest import wait_for
-from workers.pipeline import Pipeline
 
 SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
 pytestmark = pytest.mark.integration
-
-
-class Outputs:
-    """Everything the pipeline wrote to the verdict and dead-letter topics, in order."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.verdicts: list[Verdict] = []
-        self.dead_letters: list[DeadLetter] = []
-        self.consumer = make_consumer(settings, topics=None, group_id=None)
-        self.consumer.topics()
-        partitions = [TopicPartition(t, p) for t in (settings.topics.verdicts, settings.topics.dlq)
-                      for p in sorted(self.consumer.partitions_for_topic(t) or [])]
-        self.consumer.assign(partitions)
-        self.consumer.seek_to_beginning(*partitions)
-
-    def poll(self) -> None:
-        for tp, records in self.consumer.poll(timeout_ms=200).items():
-            for record in records:
-                if tp.topic == self.settings.topics.verdicts:
-                    self.verdicts.append(parse_verdict(record.value))
-                else:
-                    self.dead_letters.append(parse_dead_letter(record.value))
-
-    def wait(self, verdicts: int, dead_letters: int = 0, timeout_s: float = 90.0) -> None:
-        def enough() -> bool:
-            self.poll()
-            return len({v.event_id for v in self.verdicts}) >= verdicts and \
-                len(self.dead_letters) >= dead_letters
-        wait_for(enough, timeout_s, message=f"{verdicts} verdicts and {dead_letters} dead letters")
-
-    def by_image(self) -> dict[str, Verdict]:
-        return {v.image_id: v for v in self.verdicts}
-
-
-@pytest.fixture
-def start_pipeline(ray_cluster, make_settings) -> Iterator[Callable[..., tuple[Pipeline, Outputs]]]:
-    started: list[Pipeline] = []
-
-    def start(settings: Settings | None = None) -> tuple[Pipeline, Outputs]:
-        settings = settings or make_settings()
-        pipeline = Pipeline(settings, deploy_classifier=False).start()
-        started.append(pipeline)
-        return pipeline, Outputs(pipeline.settings)
-
-    yield start
-    for pipeline in started:
-        if pipeline.ingest:
-            pipeline.stop()
 
 
 def resized(path: Path, folder: Path, factor: float = 0.5, name: str | None = None) -> Path:

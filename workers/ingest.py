@@ -101,6 +101,8 @@ class _DrainOnRevoke(ConsumerRebalanceListener):
 
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         self.worker.drain()
+        for tp in revoked:  # the next owner reports these; a stale value here would linger
+            metrics.CONSUMER_LAG.labels(topic=tp.topic, partition=str(tp.partition)).set(0)
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         log.info("assigned %s", sorted((tp.topic, tp.partition) for tp in assigned))

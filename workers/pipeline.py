@@ -27,8 +27,10 @@ from workers.review import ReviewFeedback
 
 log = logging.getLogger(__name__)
 
-# State actors spread over the nodes; they mostly wait on I/O, so they reserve no CPU.
-ACTOR_OPTIONS: dict[str, Any] = {"num_cpus": 0, "scheduling_strategy": "SPREAD"}
+# Ray's SPREAD strategy places actors on the least used nodes, but it ignores actors that
+# reserve nothing, and node affinity would pin a restarted actor to a dead node. These
+# actors mostly wait on I/O or other actors, so they reserve a token share of a CPU.
+ACTOR_OPTIONS: dict[str, Any] = {"num_cpus": 0.01, "scheduling_strategy": "SPREAD"}
 
 
 class Pipeline:
@@ -54,7 +56,7 @@ class Pipeline:
         self.shards = [DedupShard.options(**ACTOR_OPTIONS).remote(settings, i, pipeline.dedup_shards)
                        for i in range(pipeline.dedup_shards)]
         self.knn_replicas = [KnnReplica.options(**ACTOR_OPTIONS).remote(settings)
-                             for _ in range(pipeline.knn_replicas)]
+                             for i in range(pipeline.knn_replicas)]
         ray.get([shard.stats.remote() for shard in self.shards] +
                 [replica.size.remote() for replica in self.knn_replicas])
         self.review = ReviewFeedback.options(**ACTOR_OPTIONS).remote(settings, self.shards, self.knn_replicas)
