@@ -11,6 +11,7 @@ to commit. A crash anywhere before that commit replays the batch.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -126,8 +127,8 @@ class IngestWorker:
         self.batches: queue.Queue[Batch | None] = queue.Queue(maxsize=settings.pipeline.max_inflight_batches)
         self.to_commit: queue.Queue[dict[TopicPartition, int]] = queue.Queue()
         self.stopping = threading.Event()
-        self.idle = threading.Event()  # set while no batch is queued or being scored
-        self.idle.set()
+        self._outstanding = 0  # batches polled and not yet scored (queued, or being scored)
+        self._outstanding_changed = threading.Condition()
         self.counts: Counter[str] = Counter()
         self.last_activity = time.monotonic()
         self.producer = make_producer(settings)
@@ -152,7 +153,7 @@ class IngestWorker:
         return self.stats()
 
     def stats(self) -> dict[str, Any]:
-        return {"worker": self.worker_index, **self.counts, "idle": self.idle.is_set(),
+        return {"worker": self.worker_index, **self.counts, "idle": self._outstanding == 0,
                 "inflight_batches": self.batches.qsize(), "idle_for_s": time.monotonic() - self.last_activity}
 
     # -- poll thread -------------------------------------------------------------------------------
@@ -171,9 +172,8 @@ class IngestWorker:
                 records = [record for batch in polled.values() for record in batch]
                 if not records:
                     continue
-                self.idle.clear()
                 self.last_activity = time.monotonic()
-                metrics.INFLIGHT_BATCHES.inc()
+                self._count_outstanding(+1)
                 batch = self._prepare(records)
                 while not self.stopping.is_set():
                     try:
@@ -182,6 +182,7 @@ class IngestWorker:
                     except queue.Full:
                         self._commit_ready(consumer)
                 else:
+                    self._count_outstanding(-1)
                     break  # stopping: this batch was not scored, so its offsets stay uncommitted
             self.drain()
             self._commit_ready(consumer)
@@ -189,11 +190,17 @@ class IngestWorker:
             self.batches.put(None)
             consumer.close(autocommit=False)
 
+    def _count_outstanding(self, change: int) -> None:
+        with self._outstanding_changed:
+            self._outstanding += change
+            metrics.INFLIGHT_BATCHES.inc(change)
+            self._outstanding_changed.notify_all()
+
     def drain(self) -> None:
-        """Wait until every queued batch is scored (called on the poll thread)."""
-        while not self.idle.wait(0.1):
-            if not self._threads[1].is_alive():
-                return
+        """Wait until every polled batch is scored (called on the poll thread)."""
+        with self._outstanding_changed:
+            while self._outstanding and self._threads[1].is_alive():
+                self._outstanding_changed.wait(0.1)
 
     def _commit_ready(self, consumer) -> None:
         offsets: dict[TopicPartition, int] = {}
@@ -241,7 +248,7 @@ class IngestWorker:
             metrics.STAGE_LATENCY.labels(stage="hash").observe(time.perf_counter() - decoded)
             return event, features
         except LoadError as exc:
-            return DeadLetter.for_record(event.event_id, exc.reason, exc.detail, record.value)
+            return DeadLetter.for_record(event.event_id, exc.reason, exc.detail, without_inline_bytes(record.value))
 
     # -- score thread ------------------------------------------------------------------------------
 
@@ -249,7 +256,6 @@ class IngestWorker:
         while True:
             batch = self.batches.get()
             if batch is None:
-                self.idle.set()
                 return
             attempt = 0
             while True:
@@ -263,10 +269,8 @@ class IngestWorker:
                         return  # not committed: the next owner of these partitions replays it
                     time.sleep(min(5.0, 0.2 * 2**attempt))
             self.to_commit.put(batch.offsets)
-            metrics.INFLIGHT_BATCHES.dec()
-            if self.batches.empty():
-                self.idle.set()
             self.last_activity = time.monotonic()
+            self._count_outstanding(-1)
 
     def _score(self, batch: Batch) -> None:
         """Decide, publish, remember; each step is skipped when a retry finds it done."""
@@ -415,3 +419,25 @@ def report_lag(consumer) -> None:
         committed = consumer.committed(tp) or 0
         lag = max(0, ends.get(tp, 0) - committed)
         metrics.CONSUMER_LAG.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)
+
+
+DLQ_INLINE_LIMIT = 64 * 1024
+
+
+def without_inline_bytes(raw: bytes) -> bytes:
+    """The record for a dead letter, minus a large inline image.
+
+    The bytes that failed are what made the record large; copying them would
+    make the dead letter larger than the broker may accept and stall the batch.
+    The original record stays on the upload topic at its offset.
+    """
+    if len(raw) <= DLQ_INLINE_LIMIT:
+        return raw
+    try:
+        event = json.loads(raw)
+    except ValueError:
+        return raw
+    if not isinstance(event, dict) or not isinstance(event.get("data_b64"), str):
+        return raw
+    event["data_b64_elided_bytes"] = len(event.pop("data_b64"))
+    return json.dumps(event).encode()
