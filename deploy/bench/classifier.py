@@ -1,0 +1,129 @@
+"""classifier suite: CNN images/s by batch size in this process (common.cnn.CnnModel), and
+through the Serve deployment the pipeline uses (workers.classifier) at the same batch size;
+the gap is what serving costs. Each batch size alternates the two, repeat by repeat."""
+
+from __future__ import annotations
+
+import argparse
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from common.bundle import resolve_bundle
+from common.cnn import CnnModel
+from common.config import ClassifierConfig, Settings
+from deploy.bench import sizes
+from deploy.bench.cluster import gpu_names, ray_session
+from deploy.bench.report import BenchError, Measure, SuiteResult, ratios
+from deploy.bench.timing import timed
+
+if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentHandle
+
+APP_NAME = "modstream-bench-classifier"
+RESULT_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class InProcess:
+    """Images/s (wall) and process CPU ms per image of the model at one batch size."""
+
+    batch: int
+    images_per_s: Measure
+    cpu_ms: Measure
+
+
+def random_inputs(model: CnnModel, count: int, seed: int) -> np.ndarray:
+    """CNN inputs: content does not change the cost of a forward pass."""
+    size = model.spec.input_size
+    return np.random.default_rng(seed).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+
+
+def measure_in_process(model: CnnModel, images: np.ndarray, batch: int) -> tuple[float, float]:
+    """(images/s, CPU ms per image) of one pass over images in batches of batch."""
+    wall, cpu, _ = timed(lambda: [model.predict(images[i:i + batch]) for i in range(0, len(images), batch)])
+    return len(images) / wall, cpu * 1000 / len(images)
+
+
+def in_process(model: CnnModel, images: np.ndarray, batches: tuple[int, ...], repeats: int) -> list[InProcess]:
+    results = []
+    for batch in batches:
+        model.predict(images[:batch])  # warm-up
+        runs = [measure_in_process(model, images, batch) for _ in range(repeats)]
+        results.append(InProcess(batch, Measure.of((r[0] for r in runs), "images/s"),
+                                 Measure.of((r[1] for r in runs), "ms")))
+    return results
+
+
+def classifier_config(settings: Settings, batch: int, gpu: bool) -> ClassifierConfig:
+    return settings.classifier.model_copy(update={"max_batch_size": batch, "num_replicas": 1,
+                                                  "autoscaling": False, "num_gpus": 1.0 if gpu else 0.0})
+
+
+def serve_images_per_s(handle: DeploymentHandle, images: np.ndarray, inflight: int) -> float:
+    """One request per image, at most inflight outstanding (FACTS.md: unbounded submission
+    collapses Serve's throughput)."""
+    pending: deque = deque()
+
+    def send_all() -> None:
+        for image in images:
+            if len(pending) >= inflight:
+                pending.popleft().result(timeout_s=RESULT_TIMEOUT_S)
+            pending.append(handle.remote(image))
+        while pending:
+            pending.popleft().result(timeout_s=RESULT_TIMEOUT_S)
+
+    wall, _, _ = timed(send_all)
+    return len(images) / wall
+
+
+def run(args: argparse.Namespace, settings: Settings) -> SuiteResult:
+    from ray import serve
+
+    from workers.classifier import classifier_app, classifier_options
+
+    batches = tuple(sizes.BATCHES.pick(args.batch_sizes, args.quick))
+    count = sizes.CLASSIFIER_IMAGES.pick(args.classifier_images, args.quick)
+    if min(batches) < 1:
+        raise BenchError("batch sizes must be at least 1")
+    bundle = resolve_bundle(settings.bundle)
+    model = CnnModel(bundle.cnn)
+    gpus = gpu_names()
+    count = max(count, max(batches))
+    images = random_inputs(model, count, args.seed)
+    result = SuiteResult("classifier", params={"bundle": bundle.id, "batches": list(batches), "images": count,
+                                               "device": ", ".join(gpus) or "CPU", "repeats": args.repeats})
+    table = result.table(f"CNN {bundle.cnn.input_size}x{bundle.cnn.input_size} images/s by batch size",
+                         ("batch", "in-process img/s", "in-process CPU ms/img", "Serve img/s", "Serve in flight",
+                          "Serve / in-process"))
+    with ray_session(settings):
+        serve.start(proxy_location="Disabled")
+        try:
+            for batch in batches:
+                config = classifier_config(settings, batch, bool(gpus))
+                inflight = classifier_options(config)["max_ongoing_requests"]
+                serve.run(classifier_app(str(bundle.path), config), name=APP_NAME, route_prefix=None)
+                handle = serve.get_app_handle(APP_NAME)
+                model.predict(images[:batch])
+                serve_images_per_s(handle, images[:inflight], inflight)  # warm-up
+                local, served = [], []
+                for _ in range(args.repeats):
+                    local.append(measure_in_process(model, images, batch))
+                    served.append(serve_images_per_s(handle, images, inflight))
+                local_rate = Measure.of((r[0] for r in local), "images/s")
+                served_rate = Measure.of(served, "images/s")
+                table.add(**{"batch": batch, "in-process img/s": local_rate,
+                             "in-process CPU ms/img": Measure.of((r[1] for r in local), "ms"),
+                             "Serve img/s": served_rate, "Serve in flight": inflight,
+                             "Serve / in-process": ratios(served_rate, local_rate, "")})
+        finally:
+            serve.delete(APP_NAME)
+    result.notes += [
+        f"Serve: workers.classifier on one replica ({'GPU' if gpus else 'CPU'}), max_batch_size = the batch, "
+        "called from this process with at most max_ongoing_requests requests in flight; each request "
+        "carries one uint8 image",
+        "in-process CPU ms/img is process CPU time across TensorFlow's threads, the cost the CPU limit adds up",
+    ]
+    return result

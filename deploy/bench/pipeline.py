@@ -1,0 +1,222 @@
+"""pipeline suite: the whole Kafka -> Ray -> Kafka path (workers.pipeline.Pipeline) on a
+generated workload, side by side with (a) the CNN alone at its best batch, (b) the CPU limit
+of this machine (cores / the summed CPU cost per image of every stage) and (c) a naive
+sequential loop, all measured in the same run.
+
+Phases, one pipeline, after a few warm-up images (the consumer group join alone takes
+seconds): the unique images all at once (full load), then copies of them
+(exact and resized) all at once, then a fresh mix in the same proportion published at half
+the full-load rate, which shows latency without a backlog.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.bundle import Bundle, resolve_bundle
+from common.config import Settings
+from common.kafkaio import make_producer
+from common.messages import UploadEvent, to_json_bytes
+from deploy.bench import sizes
+from deploy.bench.baselines import Baselines, measure_baselines
+from deploy.bench.cluster import MemoryPeaks, MemorySampler, gpu_names, ray_session
+from deploy.bench.features import parse_size
+from deploy.bench.report import BenchError, Goal, SuiteResult, usable_cpus
+from deploy.bench.verdicts import VerdictCollector
+from deploy.bench.workload import Workload, build_workload, bundle_with_references
+
+GOAL_CPU_LIMIT, GOAL_GPU_CEILING, GOAL_NAIVE, GOAL_DUPLICATES, GOAL_P99_MS = 0.85, 0.9, 3.0, 3.0, 500.0
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Events through the pipeline: from the first send to the last verdict read."""
+
+    events: int
+    seconds: float
+    latencies_ms: np.ndarray
+    offered_per_s: float | None  # None: published all at once
+
+    @property
+    def images_per_s(self) -> float:
+        return self.events / self.seconds if self.seconds > 0 else 0.0
+
+    def percentile(self, q: float) -> float | None:
+        return float(np.percentile(self.latencies_ms, q)) if self.events else None
+
+
+def run(args: argparse.Namespace, settings: Settings) -> SuiteResult:
+    from deploy.runner import kafka_for
+
+    if not 0 <= args.dup_ratio < 1:
+        raise BenchError(f"--dup-ratio must be in [0, 1), got {args.dup_ratio}")
+    images = sizes.PIPELINE_IMAGES.pick(args.images, args.quick)
+    if images < 1:
+        raise BenchError("--images must be at least 1")
+    size = parse_size(sizes.PIPELINE_IMAGE_SIZE.pick(args.image_size, args.quick))
+    references = sizes.PIPELINE_REFERENCES.pick(args.references, args.quick)
+    gpus = gpu_names()
+    result = SuiteResult("pipeline", params={
+        "images": images, "dup_ratio": args.dup_ratio, "size": f"{size[0]}x{size[1]}", "references": references,
+        "cores": usable_cpus(), "device": ", ".join(gpus) or "CPU", "repeats": args.repeats, "seed": args.seed})
+    with tempfile.TemporaryDirectory(prefix="modstream-bench-") as tmp, kafka_for(settings) as settings:
+        folder = Path(tmp)
+        bundle, histograms = _bundle(settings, folder / "bundle", references, args.seed)
+        (folder / "images").mkdir()
+        workload = build_workload(folder / "images", images, args.dup_ratio, size, args.seed)
+        settings = _bench_settings(settings, bundle, gpu=bool(gpus))
+        with ray_session(settings):
+            phases, memory = _run_pipeline(settings, workload)
+        baselines = measure_baselines(settings, bundle, workload, histograms, args)
+    _report(result, phases, memory, baselines, gpu=bool(gpus))
+    return result
+
+
+def _bundle(settings: Settings, folder: Path, references: int, seed: int) -> tuple[Bundle, np.ndarray]:
+    base = resolve_bundle(settings.bundle)
+    if references == 0:
+        return base, np.empty((0, 0), np.float32)
+    return bundle_with_references(base, folder, references, seed)
+
+
+def _bench_settings(settings: Settings, bundle: Bundle, gpu: bool) -> Settings:
+    """Topics and group of this run only; the bench bundle; the CNN on the GPU if there is one."""
+    tag = uuid.uuid4().hex[:8]
+    topics = settings.topics.model_copy(update={
+        "uploads": f"bench-{tag}.uploads", "verdicts": f"bench-{tag}.verdicts", "reviews": f"bench-{tag}.reviews",
+        "dlq": f"bench-{tag}.dlq", "state_prefix": f"bench-{tag}.state"})
+    return settings.model_copy(update={
+        "topics": topics, "bundle": str(bundle.path),
+        "kafka": settings.kafka.model_copy(update={"group_id": f"bench-{tag}"}),
+        "classifier": settings.classifier.model_copy(update={"num_gpus": 1.0 if gpu else 0.0})})
+
+
+def _run_pipeline(settings: Settings, workload: Workload) -> tuple[dict[str, Phase], MemoryPeaks]:
+    from ray import serve
+
+    from workers.ingest import APP_NAME
+    from workers.pipeline import Pipeline
+
+    # A Ray that already runs the classifier (the test session's) keeps it; otherwise deploy ours.
+    pipeline = Pipeline(settings, deploy_classifier=APP_NAME not in serve.status().applications).start()
+    collector = VerdictCollector(settings)
+    try:
+        _phase(settings, collector, workload.warmup)
+        with MemorySampler() as sampler:
+            unique = _phase(settings, collector, workload.unique)
+            duplicates = _phase(settings, collector, workload.duplicates)
+            mixed = _phase(settings, collector, workload.mixed, rate=_mix_rate(unique, duplicates) / 2)
+    finally:
+        collector.close()
+        pipeline.stop()
+    return {"unique": unique, "duplicates": duplicates, "mixed": mixed}, sampler.peaks
+
+
+def _mix_rate(unique: Phase, duplicates: Phase) -> float:
+    """Images/s of the whole full-load workload (unique and copies in its proportion)."""
+    return (unique.events + duplicates.events) / (unique.seconds + duplicates.seconds)
+
+
+def _phase(settings: Settings, collector: VerdictCollector, events: list[UploadEvent],
+           rate: float | None = None) -> Phase:
+    if not events:
+        return Phase(0, 0.0, np.empty(0), rate)
+    started = time.monotonic()
+    _publish(settings, events, rate)
+    arrivals = collector.wait_for([event.event_id for event in events], timeout_s=120 + len(events) / 2)
+    last = max(arrived for arrived, _ in arrivals)
+    return Phase(len(events), last - started, np.array([v.latency_ms for _, v in arrivals]), rate)
+
+
+def _publish(settings: Settings, events: list[UploadEvent], rate: float | None, timeout_s: float = 60.0) -> None:
+    """All at once, or one every 1 / rate seconds (a steady producer below capacity)."""
+    producer = make_producer(settings)
+    try:
+        started = time.monotonic()
+        futures = []
+        for i, event in enumerate(events):
+            if rate:
+                time.sleep(max(0.0, started + i / rate - time.monotonic()))
+            futures.append(producer.send(settings.topics.uploads, key=event.image_id, value=to_json_bytes(event)))
+        producer.flush(timeout=timeout_s)
+        for future in futures:
+            future.get(timeout=timeout_s)
+    finally:
+        producer.close()
+
+
+def _report(result: SuiteResult, phases: dict[str, Phase], memory: MemoryPeaks, baselines: Baselines,
+            gpu: bool) -> None:
+    unique, duplicates, mixed = phases["unique"], phases["duplicates"], phases["mixed"]
+    throughput = result.table("throughput", ("path", "events", "images/s"))
+    throughput.add(path="pipeline: unique images, full load", events=unique.events, **{"images/s": unique.images_per_s})
+    throughput.add(path="pipeline: duplicates, full load", events=duplicates.events,
+                   **{"images/s": duplicates.images_per_s if duplicates.events else None})
+    throughput.add(path="pipeline: workload mix, full load", events=unique.events + duplicates.events,
+                   **{"images/s": _mix_rate(unique, duplicates)})
+    throughput.add(path=f"(a) CNN only, in-process, batch {baselines.best_batch}",
+                   **{"images/s": baselines.cnn_ceiling})
+    throughput.add(path=f"(b) CPU limit: {baselines.cores} cores / CPU per image", **{"images/s": baselines.cpu_limit})
+    throughput.add(path="(c) naive loop (full decode, brute-force kNN, CNN batch 1), workload mix",
+                   events=baselines.naive_events, **{"images/s": baselines.naive})
+
+    latency = result.table("event -> verdict latency (Verdict.latency_ms, from the Kafka record timestamp)",
+                           ("load", "events", "offered/s", "p50 ms", "p95 ms", "p99 ms", "max ms"))
+    for label, phase in (("full: unique images", unique), ("full: duplicates", duplicates),
+                         ("half: workload mix, paced", mixed)):
+        latency.add(load=label, events=phase.events, **{"offered/s": phase.offered_per_s or "all at once",
+                    "p50 ms": phase.percentile(50), "p95 ms": phase.percentile(95), "p99 ms": phase.percentile(99),
+                    "max ms": phase.percentile(100)})
+
+    costs = result.table("CPU per image (process CPU time, measured in this run)", ("stage", "CPU ms"))
+    for stage, cost in baselines.costs.items():
+        costs.add(stage=stage, **{"CPU ms": cost})
+    costs.add(stage="total", **{"CPU ms": baselines.total_cost_ms})
+
+    mib = 2**20
+    memory_table = result.table("peak resident memory during the pipeline run", ("processes", "MB"))
+    memory_table.add(processes="driver (this process)", MB=memory.driver / mib)
+    memory_table.add(processes="Ray workers (ray::*: actors, Serve replicas)", MB=memory.ray_workers / mib)
+    memory_table.add(processes="driver + Ray workers", MB=(memory.driver + memory.ray_workers) / mib)
+    memory_table.add(processes="all descendants too (raylet, GCS, broker)", MB=memory.everything / mib)
+
+    result.goals += _goals(unique, duplicates, mixed, baselines, gpu)
+    result.notes += [
+        "each pipeline phase runs once (a repeat needs fresh images); the baselines show min/median/max over "
+        "repeats",
+        "full load: every event published at once, so latency includes the backlog's queueing; half load: "
+        "a producer paced at half the full-load rate of the mix",
+        "copies alternate exact (same bytes, new id) and near (resized to half, re-encoded)",
+        "memory sums RSS per process: pages shared between processes count once per process",
+    ]
+
+
+def _goals(unique: Phase, duplicates: Phase, mixed: Phase, baselines: Baselines, gpu: bool) -> list[Goal]:
+    def ratio_goal(name: str, value: float, baseline: float, target: float, applies: bool = True,
+                   note: str = "") -> Goal:
+        ratio = value / baseline if baseline else float("inf")
+        return Goal(name, f"{value:.1f} / {baseline:.1f} images/s = {ratio:.2f}x",
+                    ratio >= target if applies else None, note)
+
+    p99 = mixed.percentile(99)
+    return [
+        ratio_goal(f"unique throughput >= {GOAL_CPU_LIMIT} x CPU limit (CPU)", unique.images_per_s,
+                   baselines.cpu_limit.median, GOAL_CPU_LIMIT, not gpu, "the CNN runs on a GPU here" if gpu else ""),
+        ratio_goal(f"unique throughput >= {GOAL_GPU_CEILING} x CNN-only ceiling (GPU)", unique.images_per_s,
+                   baselines.cnn_ceiling.median, GOAL_GPU_CEILING, gpu, "" if gpu else "no GPU here"),
+        ratio_goal(f"workload mix >= {GOAL_NAIVE:.0f} x naive loop", _mix_rate(unique, duplicates),
+                   baselines.naive.median, GOAL_NAIVE),
+        ratio_goal(f"duplicates >= {GOAL_DUPLICATES:.0f} x unique throughput", duplicates.images_per_s,
+                   unique.images_per_s, GOAL_DUPLICATES, duplicates.events > 0,
+                   "" if duplicates.events else "no duplicates in this workload"),
+        Goal(f"p99 latency <= {GOAL_P99_MS:.0f} ms at half load", "-" if p99 is None else f"{p99:.0f} ms",
+             None if p99 is None else p99 <= GOAL_P99_MS),
+    ]
+

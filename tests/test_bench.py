@@ -1,0 +1,107 @@
+"""``modstream bench --quick``: every suite runs and reports in the documented shape. The
+speeds are not checked (quick sizes on a shared machine say nothing); the answers that must
+hold at any size are: the dedup index agrees with the linear scan, the kNN index finds
+the brute-force neighbours, and the benchmark's vectorised pHash is imagehash's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from common.features import phash_hex
+from deploy.bench.phashes import hashes_of_pixels
+from deploy.bench.report import BenchError, Measure, Table, format_value
+from deploy.bench.synthetic import photo
+from deploy.cli import main
+
+SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
+STATUSES = {"met", "NOT MET", "n/a"}
+
+
+def _run(argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[dict, str]:
+    out = tmp_path / "bench.json"
+    assert main(["bench", *argv, "--quick", "--json", str(out)]) == 0
+    return json.loads(out.read_text()), capsys.readouterr().out
+
+
+def _suite(document: dict, name: str) -> dict:
+    return next(suite for suite in document["suites"] if suite["suite"] == name)
+
+
+def _column(table: dict, column: str) -> list:
+    return [row.get(column) for row in table["rows"]]
+
+
+def _check_shape(suite: dict, printed: str) -> None:
+    """Tables with rows, measures as median/min/max, goals with a status, all printed."""
+    assert suite["tables"] and all(table["rows"] for table in suite["tables"])
+    measures = [cell for table in suite["tables"] for row in table["rows"] for cell in row.values()
+                if isinstance(cell, dict)]
+    assert measures and all(cell["min"] <= cell["median"] <= cell["max"] for cell in measures)
+    assert all(goal["status"] in STATUSES for goal in suite["goals"])
+    assert f"== {suite['suite']} " in printed
+    for table in suite["tables"]:
+        assert table["title"] in printed
+
+
+def test_vectorised_phash_is_imagehash() -> None:
+    rng = np.random.default_rng(3)
+    images = [Image.open(path) for path in sorted(SAMPLES.glob("*.jpg"))] + [photo(rng, 96, 72) for _ in range(40)]
+    grey = [image.convert("L").resize((32, 32), Image.Resampling.LANCZOS) for image in images]
+    expected = [int(phash_hex(image), 16) for image in grey]
+    assert hashes_of_pixels(np.stack([np.asarray(image) for image in grey])).tolist() == expected
+
+
+def test_tables_show_median_and_spread() -> None:
+    table = Table("t", ("name", "value"))
+    table.add(name="a", value=Measure.of([2.0, 1.0, 30.0], "ms"))
+    assert table.render().splitlines()[-1].split() == ["a", "2.00", "(1.00-30.0)"]
+    assert format_value(Measure.of([1234.5])) == "1,234"
+    with pytest.raises(BenchError, match="no columns"):
+        table.add(other=1)
+
+
+def test_unknown_suite_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "nosuch", "--quick"]) == 2
+    assert "unknown suite nosuch" in capsys.readouterr().err
+
+
+def test_quick_in_process_suites(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    document, printed = _run(["knn", "dedup", "features"], tmp_path, capsys)
+    assert [suite["suite"] for suite in document["suites"]] == ["knn", "dedup", "features"]
+    assert document["machine"]["usable_cpus"] >= 1
+    for suite in document["suites"]:
+        _check_shape(suite, printed)
+
+    knn = _suite(document, "knn")["tables"][0]
+    assert _column(knn, "method")[1] == "brute force (numpy)"
+    assert _column(knn, "recall@10")[0] >= 0.95
+    dedup = _suite(document, "dedup")["tables"][0]
+    assert set(_column(dedup, "hashes")) == {"random", "scenes"}
+    assert all(_column(dedup, "same answers"))
+    assert 10 in _column(dedup, "max distance")  # the pipeline's default distance is always measured
+    features = _suite(document, "features")["tables"][0]
+    assert set(_column(features, "size")) == {"1024x768", "4000x3000"}
+
+
+@pytest.mark.integration
+def test_quick_ray_suites(ray_cluster, broker, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    document, printed = _run(["classifier", "pipeline", "--bootstrap", broker.bootstrap], tmp_path, capsys)
+    for suite in document["suites"]:
+        _check_shape(suite, printed)
+    classifier = _suite(document, "classifier")["tables"][0]
+    assert _column(classifier, "batch") == [1, 8]
+    assert all(cell["median"] > 0 for cell in _column(classifier, "Serve img/s"))
+
+    pipeline = _suite(document, "pipeline")
+    throughput, latency, costs, memory = pipeline["tables"]
+    assert len(throughput["rows"]) == 6 and all(_column(throughput, "images/s"))
+    assert _column(latency, "events") == [12, 12, 12]  # every event got its verdict
+    assert all(row["p50 ms"] <= row["p99 ms"] for row in latency["rows"])
+    assert _column(costs, "stage")[-1] == "total"
+    assert all(value > 0 for value in _column(memory, "MB"))
+    assert len(pipeline["goals"]) == 5
