@@ -1,8 +1,9 @@
 """The CNN as a Ray Serve deployment: method 3 of the talk.
 
-One request per image; ``@serve.batch`` gathers requests from every ingest
-actor into model batches. Serve cannot fill a batch larger than
-``max_ongoing_requests`` (FACTS.md), so that is derived from the batch size.
+Each request carries a caller's images (at most a batch); ``@serve.batch``
+merges requests from every ingest actor into model batches counted in images.
+Serve cannot fill a batch from more than ``max_ongoing_requests`` requests
+(FACTS.md), so that is derived from the batch size.
 The model is loaded once per replica; replicas take ``num_gpus`` when the
 cluster has GPUs and run on CPU otherwise.
 """
@@ -25,6 +26,11 @@ DEPLOYMENT_NAME = "Classifier"
 MAX_CONCURRENT_BATCHES = 2  # one batch computing while the next fills
 
 
+def images_in(requests: list[tuple[np.ndarray, float]]) -> int:
+    """Batch size in images, not requests: each request carries a caller's batch."""
+    return sum(len(images) for images, _ in requests)
+
+
 @serve.deployment(name=DEPLOYMENT_NAME)
 class Classifier:
     def __init__(self, bundle_path: str) -> None:
@@ -39,26 +45,31 @@ class Classifier:
         self.score.set_max_batch_size(int(user_config.get("max_batch_size", 32)))
         self.score.set_batch_wait_timeout_s(float(user_config.get("batch_wait_timeout_s", 0.01)))
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
-    async def score(self, requests: list[tuple[np.ndarray, float]]) -> list[float]:
-        """P(adult) for each image; one result per request or every caller fails."""
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, max_concurrent_batches=MAX_CONCURRENT_BATCHES,
+                 batch_size_fn=images_in)
+    async def score(self, requests: list[tuple[np.ndarray, float]]) -> list[list[float]]:
+        """P(adult) per image of every request; results match requests one-to-one or every caller fails."""
         started = time.perf_counter()
-        for _, arrived in requests:
-            metrics.STAGE_LATENCY.labels(stage="classifier_queue").observe(started - arrived)
-        batch = np.stack([image for image, _ in requests])
+        for images, arrived in requests:
+            for _ in range(len(images)):
+                metrics.STAGE_LATENCY.labels(stage="classifier_queue").observe(started - arrived)
+        batch = np.concatenate([images for images, _ in requests])
         metrics.CLASSIFIER_BATCH_SIZE.observe(len(batch))
         try:
             scores = await asyncio.get_running_loop().run_in_executor(None, self.model.predict, batch)
-            if len(scores) != len(requests):
-                raise CnnError(f"model returned {len(scores)} scores for {len(requests)} images")
+            if len(scores) != len(batch):
+                raise CnnError(f"model returned {len(scores)} scores for {len(batch)} images")
         except Exception:
             metrics.CLASSIFIER_ERRORS.inc(len(requests))
             raise
         metrics.STAGE_LATENCY.labels(stage="classifier_batch").observe(time.perf_counter() - started)
-        return [float(s) for s in scores]
+        ends = np.cumsum([len(images) for images, _ in requests])
+        return [[float(s) for s in part] for part in np.split(scores, ends[:-1])]
 
-    async def __call__(self, image: np.ndarray) -> float:
-        return await self.score((image, time.perf_counter()))
+    async def __call__(self, images: np.ndarray) -> list[float]:
+        """Score ``(n, size, size, 3)`` uint8 images; one request per caller batch keeps
+        the per-request cost (routing, serialisation) off every image."""
+        return await self.score((images, time.perf_counter()))
 
     def bundle_id(self) -> str:
         return self.bundle.id

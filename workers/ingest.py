@@ -135,7 +135,7 @@ class IngestWorker:
         self.loaders = ThreadPoolExecutor(max_workers=4, thread_name_prefix="load")
         self.classifier = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=APP_NAME)
         size = bundle.cnn.input_size
-        self.classifier.remote(np.zeros((size, size, 3), np.uint8)).result(timeout_s=300)  # warm the route
+        self.classifier.remote(np.zeros((1, size, size, 3), np.uint8)).result(timeout_s=300)  # warm the route
         self._threads = [threading.Thread(target=self._poll_loop, name="poll", daemon=True),
                          threading.Thread(target=self._score_loop, name="score", daemon=True)]
 
@@ -349,24 +349,24 @@ class IngestWorker:
         return [(None if k is None else float(k), c) for k, c in zip(knn, cnn, strict=True)]
 
     def _classify(self, images: list[np.ndarray]) -> list[float]:
-        """One Serve request per image, so replicas batch across every ingest actor."""
-        scores: list[float | None] = [None] * len(images)
-        pending = list(range(len(images)))
+        """One Serve request per chunk of at most a model batch; failed chunks are asked again."""
+        size = self.settings.classifier.max_batch_size
+        chunks = {start: np.stack(images[start:start + size]) for start in range(0, len(images), size)}
+        scores: dict[int, list[float]] = {}
         for attempt in range(MODEL_ATTEMPTS):
-            responses = {i: self.classifier.remote(images[i]) for i in pending}
-            failed = []
-            for i, response in responses.items():
+            responses = {start: self.classifier.remote(chunk) for start, chunk in chunks.items()
+                         if start not in scores}
+            for start, response in responses.items():
                 try:
-                    scores[i] = float(response.result(timeout_s=120))
+                    scores[start] = response.result(timeout_s=120)
                 except Exception:  # replica died or timed out: ask again
                     metrics.CLASSIFIER_ERRORS.inc()
-                    failed.append(i)
-            if not failed:
-                return scores  # type: ignore[return-value]
-            log.warning("classifier failed for %d images (attempt %d); retrying", len(failed), attempt + 1)
-            pending = failed
+            if len(scores) == len(chunks):
+                return [score for start in sorted(scores) for score in scores[start]]
+            log.warning("classifier failed for %d chunks (attempt %d); retrying", len(chunks) - len(scores),
+                        attempt + 1)
             time.sleep(min(5.0, 0.5 * 2**attempt))
-        raise RuntimeError(f"classifier failed for {len(pending)} images after {MODEL_ATTEMPTS} attempts")
+        raise RuntimeError(f"classifier failed for {len(chunks) - len(scores)} chunks after {MODEL_ATTEMPTS} attempts")
 
     def _remember(self, items: list[Item], decisions: list[Decision]) -> None:
         """Model verdicts under their hashes, every image under its id: durable before commit."""
