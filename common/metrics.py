@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 PREFIX = "modstream_"
@@ -69,9 +69,30 @@ class _OwnMetrics:
 
     def __init__(self, path: str) -> None:
         self._collector = MultiProcessCollector(None, path=path)
+        self._path = path
 
     def collect(self):
+        forget_dead_processes(self._path)
         return [family for family in self._collector.collect() if family.name.startswith(PREFIX)]
+
+
+def forget_dead_processes(path: str) -> None:
+    """Drop the live-gauge files of processes that are gone (a killed actor never says so),
+    so replica counts and lag do not keep a dead process's last value."""
+    for file in Path(path).glob("gauge_live*_*.db"):
+        pid = file.stem.rsplit("_", 1)[-1]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            mark_process_dead(int(pid), path)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def multiprocess_registry(path: str | None = None) -> CollectorRegistry:

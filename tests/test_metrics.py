@@ -77,3 +77,16 @@ def test_metrics_endpoint_serves_the_sum(ray_cluster, metrics_dir) -> None:
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     names = {family.name for family in text_string_to_metric_families(body)}
     assert {"modstream_classifier_replicas", "modstream_bundle_info"} <= names
+
+
+def test_live_gauges_of_dead_processes_are_dropped(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    script = ("import os; os.environ['PROMETHEUS_MULTIPROC_DIR'] = {path!r}\n"
+              "from common.metrics import CLASSIFIER_REPLICAS; CLASSIFIER_REPLICAS.set(1)")
+    subprocess.run([sys.executable, "-c", script.format(path=str(tmp_path))], check=True)
+    assert list(tmp_path.glob("gauge_livesum_*.db"))  # the process wrote its gauge, then exited
+    values = samples_of(multiprocess_registry(str(tmp_path)))
+    assert total(values, "modstream_classifier_replicas") == 0
+    assert not list(tmp_path.glob("gauge_livesum_*.db"))
