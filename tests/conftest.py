@@ -74,7 +74,7 @@ def ray_cluster(modstream_home: Path, metrics_dir: str) -> Iterator[None]:
     from workers.classifier import classifier_app
     from workers.ingest import APP_NAME
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"MODSTREAM_HOME": str(modstream_home), "TF_CPP_MIN_LOG_LEVEL": "2",
                                        MULTIPROC_ENV: metrics_dir}})
     serve.start(proxy_location="Disabled")

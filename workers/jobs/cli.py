@@ -83,6 +83,7 @@ def cmd_train_cnn(args: argparse.Namespace, settings: Settings) -> int:
                         settings.pipeline.draft_size, gpus=args.gpus)
     training = cnn["training"]
     _show({"model": cnn["path"], "format": cnn["format"], "options": training["options"],
+           "rows_per_class": training["rows_per_class"],
            "validation": {key: training["validation"][key]
                           for key in ("accuracy", "balanced_accuracy", "adult_f1", "average_precision")},
            "sweep": training["sweep"]})

