@@ -84,7 +84,7 @@ class LimitsConfig(_Section):
 
 class PipelineConfig(_Section):
     ingest_actors: int = Field(1, ge=1)
-    poll_records: int = Field(64, ge=1)
+    poll_records: int = Field(32, ge=1)  # measured: 32 beat 16 and 64 on throughput and p99 (docs/benchmarks.md)
     max_inflight_batches: int = Field(4, ge=1)
     dedup_shards: int = Field(2, ge=1)
     phash_max_distance: int = Field(10, ge=0, le=24)
