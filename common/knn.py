@@ -118,6 +118,14 @@ class ReferenceIndex:
     def __len__(self) -> int:
         return len(self._ids)
 
+    def configure_search(self, k: int, ef: int) -> None:
+        """Set the vote's k and hnswlib's search breadth (recall against latency) after loading."""
+        if k < 1 or ef < 1:
+            raise KnnError(f"k and ef must be >= 1, got k={k}, ef={ef}")
+        with self._lock:
+            self.k, self.ef = k, ef
+            self._index.set_ef(max(ef, k))  # hnswlib cannot return k results with ef < k
+
     def add(self, histograms: np.ndarray, labels: Sequence[int], ids: Sequence[str] | None = None) -> None:
         """Add labelled references (rows of histograms); an id seen before replaces its reference."""
         vectors = hellinger_embedding(histograms, self.dim)

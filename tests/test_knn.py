@@ -190,3 +190,17 @@ def test_brute_force_oracle_orders_by_distance() -> None:
     assert squared[0, 0] == pytest.approx(2 - 2 * bhattacharyya, rel=1e-5)  # = 2 * Hellinger**2
     assert squared[0, -1] == pytest.approx(2.0)  # disjoint histograms: the largest squared distance
     assert np.all(np.diff(squared[0]) >= 0)
+
+
+def test_search_settings_change_after_loading(tmp_path) -> None:
+    rng = np.random.default_rng(3)
+    counts = rng.integers(0, 50, (200, 64)).astype(np.float32)
+    index = ReferenceIndex(dim=64, k=10)
+    index.add(counts / counts.sum(axis=1, keepdims=True), [i % 2 for i in range(200)])
+    index.save(tmp_path / "knn")
+    loaded = ReferenceIndex.load(tmp_path / "knn")
+    loaded.configure_search(k=3, ef=50)
+    slots, _ = loaded.neighbours(counts[:1] / counts[:1].sum())
+    assert (loaded.k, loaded.ef) == (3, 50) and slots.shape == (1, 3)
+    with pytest.raises(KnnError):
+        loaded.configure_search(k=0, ef=10)

@@ -27,7 +27,7 @@ class KnnReplica:
 
     def __init__(self, settings: Settings) -> None:
         self.index = resolve_bundle(settings.bundle).load_references()
-        self.index.k = settings.pipeline.knn_k
+        self.index.configure_search(settings.pipeline.knn_k, settings.pipeline.knn_ef)
         restored = list(Changelog(settings, references_topic(settings)).replay())
         if restored:
             self._add([value for _, value in restored], [key for key, _ in restored])
