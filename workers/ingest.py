@@ -16,7 +16,8 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,10 +82,11 @@ class Batch:
     items: list[Item] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     offsets: dict[TopicPartition, int] = field(default_factory=dict)  # next offset to commit
-    # Progress, so a retried batch resumes instead of publishing its verdicts twice.
+    # Progress, so a retried batch resumes instead of deciding or publishing twice.
     decisions: list[Decision] | None = None
     verdicts: list[Verdict] | None = None
-    published: bool = False
+    sent: list = field(default_factory=list)  # producer futures of verdicts and dead letters
+    remembering: list = field(default_factory=list)  # ObjectRefs of the dedup shards' remember calls
 
 
 def limits_from(settings: Settings) -> LoadLimits:
@@ -253,39 +255,49 @@ class IngestWorker:
     # -- score thread ------------------------------------------------------------------------------
 
     def _score_loop(self) -> None:
-        while True:
-            batch = self.batches.get()
-            if batch is None:
-                return
-            attempt = 0
-            while True:
-                try:
-                    self._score(batch)
-                    break
-                except Exception:  # an actor or the broker failed: retry, never drop
-                    attempt += 1
-                    log.exception("scoring a batch failed (attempt %d); retrying", attempt)
-                    if self.stopping.is_set() and attempt >= 3:
-                        return  # not committed: the next owner of these partitions replays it
-                    time.sleep(min(5.0, 0.2 * 2**attempt))
-            self.to_commit.put(batch.offsets)
-            self.last_activity = time.monotonic()
-            self._count_outstanding(-1)
+        """Score batches in order; settle each (durable, then committable) while the next is scored.
 
-    def _score(self, batch: Batch) -> None:
-        """Decide, publish, remember; each step is skipped when a retry finds it done."""
-        items = batch.items
-        if batch.verdicts is None:
-            decisions = self._decide(items)
-            received_ms = time.time() * 1000
-            batch.verdicts = [to_verdict(item.event, item.features, decision, self.bundle_id,
-                                         received_ms - item.timestamp_ms if item.timestamp_ms > 0 else 0.0)
-                              for item, decision in zip(items, decisions, strict=True)]
-            batch.decisions = decisions
-        if not batch.published:
-            self._publish(batch.verdicts, batch.dead_letters)
-            batch.published = True
-        self._remember(items, batch.decisions)
+        A batch's verdicts are sent and its dedup entries written without
+        waiting; the next batch's lookups still see them, because Ray runs one
+        caller's calls to an actor in order. Its offsets go to the commit queue
+        only once the broker acknowledged every record and every shard logged
+        its entries, so a crash at any point replays it.
+        """
+        unsettled: deque[Batch] = deque()
+        while True:
+            try:
+                batch = self.batches.get(timeout=0.05) if unsettled else self.batches.get()
+            except queue.Empty:
+                batch = False  # nothing new: settle what is in flight
+            if batch is None:
+                while unsettled and self._with_retries(self._settle, unsettled[0]):
+                    self._hand_over(unsettled.popleft())
+                return
+            if batch is not False:
+                if not self._with_retries(self._score, batch):
+                    return  # stopping: not committed, the next owner of these partitions replays it
+                unsettled.append(batch)
+            while unsettled and (batch is False or len(unsettled) > 1):
+                if not self._with_retries(self._settle, unsettled[0]):
+                    return
+                self._hand_over(unsettled.popleft())
+
+    def _with_retries(self, step: Callable[[Batch], None], batch: Batch) -> bool:
+        """Run a step until it succeeds; an actor or the broker failing is retried, never dropped."""
+        attempt = 0
+        while True:
+            try:
+                step(batch)
+                return True
+            except Exception:
+                attempt += 1
+                log.exception("%s failed for a batch (attempt %d); retrying", step.__name__, attempt)
+                if self.stopping.is_set() and attempt >= 3:
+                    return False
+                time.sleep(min(5.0, 0.2 * 2**attempt))
+
+    def _hand_over(self, batch: Batch) -> None:
+        """The batch is durable: count it and let the poll thread commit its offsets."""
         for verdict in batch.verdicts:
             self.counts[f"verdicts_{verdict.action}"] += 1
             self.counts[f"source_{verdict.source}"] += 1
@@ -296,15 +308,40 @@ class IngestWorker:
             metrics.DEAD_LETTERS.labels(reason=dead.reason).inc()
         self.counts["verdicts"] += len(batch.verdicts)
         self.counts["dead_letters"] += len(batch.dead_letters)
+        self.to_commit.put(batch.offsets)
+        self.last_activity = time.monotonic()
+        self._count_outstanding(-1)
 
-    def _publish(self, verdicts: list[Verdict], dead_letters: list[DeadLetter]) -> None:
-        """Send and wait for the broker's acknowledgement of every record."""
-        topics = self.settings.topics
-        futures = [self.producer.send(topics.verdicts, key=v.image_id, value=to_json_bytes(v)) for v in verdicts]
-        futures += [self.producer.send(topics.dlq, key=d.event_id, value=to_json_bytes(d)) for d in dead_letters]
-        self.producer.flush()
-        for future in futures:
-            future.get(timeout=30)
+    def _score(self, batch: Batch) -> None:
+        """Decide, send, remember, without waiting; a retry skips what is done."""
+        items = batch.items
+        if batch.verdicts is None:
+            decisions = self._decide(items)
+            received_ms = time.time() * 1000
+            batch.verdicts = [to_verdict(item.event, item.features, decision, self.bundle_id,
+                                         received_ms - item.timestamp_ms if item.timestamp_ms > 0 else 0.0)
+                              for item, decision in zip(items, decisions, strict=True)]
+            batch.decisions = decisions
+        if not batch.sent:
+            topics = self.settings.topics
+            batch.sent = [self.producer.send(topics.verdicts, key=v.image_id, value=to_json_bytes(v))
+                          for v in batch.verdicts]
+            batch.sent += [self.producer.send(topics.dlq, key=d.event_id, value=to_json_bytes(d))
+                           for d in batch.dead_letters]
+        if not batch.remembering:
+            batch.remembering = self._remember(items, batch.decisions)
+
+    def _settle(self, batch: Batch) -> None:
+        """Wait for the broker and the shards; after a failure the next attempt sends again."""
+        self._score(batch)  # redoes any step a failed attempt undid
+        try:
+            self.producer.flush()
+            for future in batch.sent:
+                future.get(timeout=30)
+            ray.get(batch.remembering)
+        except Exception:
+            batch.sent, batch.remembering = [], []
+            raise
 
     def _decide(self, items: list[Item]) -> list[Decision]:
         """Dedup first; only images with no earlier verdict reach kNN and the CNN."""
@@ -368,8 +405,8 @@ class IngestWorker:
             time.sleep(min(5.0, 0.5 * 2**attempt))
         raise RuntimeError(f"classifier failed for {len(chunks) - len(scores)} chunks after {MODEL_ATTEMPTS} attempts")
 
-    def _remember(self, items: list[Item], decisions: list[Decision]) -> None:
-        """Model verdicts under their hashes, every image under its id: durable before commit."""
+    def _remember(self, items: list[Item], decisions: list[Decision]) -> list:
+        """Model verdicts under their hashes, every image under its id; the calls' refs to wait on."""
         shards = len(self.shards)
         entries: list[list] = [[] for _ in range(shards)]
         images: list[list] = [[] for _ in range(shards)]
@@ -380,8 +417,8 @@ class IngestWorker:
             images[shard_of(item.event.image_id, shards)].append(ImageRecord(
                 image_id=item.event.image_id, md5=f.md5, phash=f.phash, phash_reliable=f.phash_reliable,
                 histogram=[round(float(x), 6) for x in f.histogram]))
-        ray.get([shard.remember_many.remote(entries[i], images[i])
-                 for i, shard in enumerate(self.shards) if entries[i] or images[i]])
+        return [shard.remember_many.remote(entries[i], images[i])
+                for i, shard in enumerate(self.shards) if entries[i] or images[i]]
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
