@@ -17,11 +17,9 @@ import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from kafka import TopicPartition
-
 from common.config import Settings
 from common.errors import ModstreamError
-from common.kafkaio import make_consumer, make_producer
+from common.kafkaio import make_consumer, make_producer, read_from_beginning
 
 MARKER_PREFIX = "marker:"
 
@@ -53,9 +51,7 @@ class Changelog:
         """Every record from the start of the topic up to now, in partition order."""
         consumer = make_consumer(self.settings, topics=None, group_id=None)
         try:
-            partitions = self._partitions(consumer, timeout_s)
-            consumer.assign(partitions)
-            consumer.seek_to_beginning(*partitions)
+            partitions = read_from_beginning(consumer, [self.topic], timeout_s)
             marker = MARKER_PREFIX + uuid.uuid4().hex
             producer = make_producer(self.settings)
             try:
@@ -80,17 +76,6 @@ class Changelog:
                             yield key, json.loads(record.value)
         finally:
             consumer.close()
-
-    def _partitions(self, consumer, timeout_s: float) -> list[TopicPartition]:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            partitions = consumer.partitions_for_topic(self.topic)
-            if partitions:
-                return [TopicPartition(self.topic, p) for p in sorted(partitions)]
-            if time.monotonic() > deadline:
-                raise ChangelogError(f"state topic {self.topic} does not exist")
-            consumer.topics()  # refresh metadata
-            time.sleep(0.2)
 
     def close(self) -> None:
         if self._producer is not None:

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from common.errors import ModstreamError
+from common.fetch import LoadLimits
 
 ENV_PREFIX = "MODSTREAM_"
 
@@ -144,6 +145,13 @@ class Settings(_Section):
         }
         kwargs.update({key: value for key, value in optional.items() if value is not None})
         return kwargs
+
+    def load_limits(self) -> LoadLimits:
+        """The caps every fetch and decode runs under (ingest and the offline jobs alike)."""
+        limits = self.limits
+        return LoadLimits(max_bytes=limits.max_bytes, max_pixels=limits.max_pixels,
+                          fetch_timeout_s=limits.fetch_timeout_s, allow_hosts=frozenset(limits.allow_hosts),
+                          allow_networks=limits.allow_networks, file_roots=limits.file_roots)
 
     def with_bootstrap(self, bootstrap: str) -> Settings:
         """A copy pointing at ``bootstrap`` (used once the embedded broker is up)."""

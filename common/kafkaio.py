@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -110,6 +110,27 @@ def ensure_topics(settings: Settings, topics: dict[str, dict[str, str]] | None =
         raise KafkaSetupError(f"cannot create topics {sorted(wanted)}: {exc}") from exc
     finally:
         admin.close()
+
+
+def read_from_beginning(consumer: KafkaConsumer, topics: Iterable[str], timeout_s: float = 30.0
+                        ) -> list[TopicPartition]:
+    """Assign every partition of ``topics`` (no group) and seek to their start.
+
+    A topic created moments ago may not be in the client's metadata yet:
+    refresh and wait for it rather than assign nothing.
+    """
+    deadline = time.monotonic() + timeout_s
+    partitions: list[TopicPartition] = []
+    for topic in topics:
+        while not consumer.partitions_for_topic(topic):
+            if time.monotonic() > deadline:
+                raise KafkaSetupError(f"topic {topic} does not exist on {consumer.config['bootstrap_servers']}")
+            consumer.topics()  # refresh metadata
+            time.sleep(0.2)
+        partitions += [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+    consumer.assign(partitions)
+    consumer.seek_to_beginning(*partitions)
+    return partitions
 
 
 def _encode_key(key: str | bytes | None) -> bytes | None:

@@ -13,11 +13,9 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TextIO
 
-from kafka import TopicPartition
-
 from common.config import Settings
 from common.errors import ModstreamError
-from common.kafkaio import make_consumer, make_producer
+from common.kafkaio import make_consumer, make_producer, read_from_beginning
 from common.messages import MessageError, ReviewDecision, UploadEvent, Verdict, parse_verdict, to_json_bytes
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
@@ -81,9 +79,7 @@ def read_verdicts(settings: Settings, follow: bool, idle_s: float = 3.0,
     """
     consumer = make_consumer(settings, topics=None, group_id=None)
     try:
-        partitions = _wait_for_partitions(consumer, settings.topics.verdicts)
-        consumer.assign(partitions)
-        consumer.seek_to_beginning(*partitions)
+        read_from_beginning(consumer, [settings.topics.verdicts])
         last_seen = time.monotonic()
         while not stop():
             batches = consumer.poll(timeout_ms=200)
@@ -99,17 +95,6 @@ def read_verdicts(settings: Settings, follow: bool, idle_s: float = 3.0,
                 return
     finally:
         consumer.close()
-
-
-def _wait_for_partitions(consumer, topic: str, timeout_s: float = 30.0) -> list[TopicPartition]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        partitions = consumer.partitions_for_topic(topic)
-        if partitions:
-            return [TopicPartition(topic, p) for p in sorted(partitions)]
-        if time.monotonic() > deadline:
-            raise PublishError(f"topic {topic} does not exist on {consumer.config['bootstrap_servers']}")
-        time.sleep(0.2)
 
 
 VERDICT_COLUMNS = ("image_id", "action", "label", "score", "source", "matched_image_id", "knn", "cnn",

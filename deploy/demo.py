@@ -19,11 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from kafka import TopicPartition
 from PIL import Image
 
 from common.config import Settings
-from common.kafkaio import make_consumer, make_producer
+from common.kafkaio import make_consumer, make_producer, read_from_beginning
 from common.messages import DeadLetter, ReviewDecision, UploadEvent, Verdict, parse_dead_letter, parse_verdict
 from deploy.clients import (
     VERDICT_COLUMNS,
@@ -99,12 +98,7 @@ class Outputs:
         self.verdicts: dict[str, Verdict] = {}
         self.dead_letters: list[DeadLetter] = []
         self.consumer = make_consumer(settings, topics=None, group_id=None)
-        self._topics = {settings.topics.verdicts, settings.topics.dlq}
-        self.consumer.topics()  # fetch metadata: the topics were created moments ago
-        partitions = [TopicPartition(topic, p) for topic in self._topics
-                      for p in sorted(self.consumer.partitions_for_topic(topic) or [])]
-        self.consumer.assign(partitions)
-        self.consumer.seek_to_beginning(*partitions)
+        read_from_beginning(self.consumer, [settings.topics.verdicts, settings.topics.dlq])
         self.verdict_topic = settings.topics.verdicts
 
     def wait_for(self, verdicts: int, dead_letters: int, timeout_s: float) -> None:

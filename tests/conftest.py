@@ -11,10 +11,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from kafka import TopicPartition
 
 from common.config import Settings, load_settings
-from common.kafkaio import ensure_topics, make_consumer
+from common.kafkaio import ensure_topics, make_consumer, read_from_beginning
 from common.messages import DeadLetter, Verdict, parse_dead_letter, parse_verdict
 from deploy.broker import EmbeddedBroker
 from workers.pipeline import Pipeline
@@ -94,11 +93,7 @@ class Outputs:
         self.dead_letters: list[DeadLetter] = []
         ensure_topics(settings)  # the pipeline may not have created them yet
         self.consumer = make_consumer(settings, topics=None, group_id=None)
-        self.consumer.topics()
-        partitions = [TopicPartition(t, p) for t in (settings.topics.verdicts, settings.topics.dlq)
-                      for p in sorted(self.consumer.partitions_for_topic(t) or [])]
-        self.consumer.assign(partitions)
-        self.consumer.seek_to_beginning(*partitions)
+        read_from_beginning(self.consumer, [settings.topics.verdicts, settings.topics.dlq])
 
     def poll(self) -> None:
         for tp, records in self.consumer.poll(timeout_ms=200).items():

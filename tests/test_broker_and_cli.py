@@ -13,7 +13,7 @@ import yaml
 from kafka import KafkaConsumer, KafkaProducer
 
 from common.config import load_settings
-from common.kafkaio import ensure_topics, make_consumer
+from common.kafkaio import ensure_topics, make_admin, make_consumer, pipeline_topics
 from common.messages import parse_upload_event
 from deploy.cli import main
 
@@ -87,6 +87,11 @@ def test_ensure_topics_is_idempotent(make_settings) -> None:
     settings = make_settings()
     ensure_topics(settings)
     ensure_topics(settings)  # a second run must not fail on existing topics
+    admin = make_admin(settings)
+    try:
+        assert set(pipeline_topics(settings)) <= set(admin.list_topics())
+    finally:
+        admin.close()
 
 
 def test_modstream_broker_serves_real_clients() -> None:

@@ -43,7 +43,7 @@ from common.decisions import (
 from common.decode import decode_image
 from common.dedupstate import ImageRecord, shard_of
 from common.features import ImageFeatures, extract_features
-from common.fetch import LoadLimits, fetch_bytes
+from common.fetch import fetch_bytes
 from common.fusion import Thresholds
 from common.kafkaio import make_consumer, make_producer
 from common.loaderrors import LoadError
@@ -89,13 +89,6 @@ class Batch:
     remembering: list = field(default_factory=list)  # ObjectRefs of the dedup shards' remember calls
 
 
-def limits_from(settings: Settings) -> LoadLimits:
-    limits = settings.limits
-    return LoadLimits(max_bytes=limits.max_bytes, max_pixels=limits.max_pixels,
-                      fetch_timeout_s=limits.fetch_timeout_s, allow_hosts=frozenset(limits.allow_hosts),
-                      allow_networks=limits.allow_networks, file_roots=limits.file_roots)
-
-
 class _DrainOnRevoke(ConsumerRebalanceListener):
     """Finish and commit in-flight batches before giving partitions away."""
 
@@ -124,7 +117,7 @@ class IngestWorker:
         metrics.BUNDLE_INFO.labels(bundle_id=bundle.id).set(1)
         self.fusion = bundle.load_fusion()
         self.thresholds = Thresholds(block=settings.thresholds.block, review=settings.thresholds.review)
-        self.limits = limits_from(settings)
+        self.limits = settings.load_limits()
         self.draft = (settings.pipeline.draft_size, settings.pipeline.draft_size)
         self.batches: queue.Queue[Batch | None] = queue.Queue(maxsize=settings.pipeline.max_inflight_batches)
         self.to_commit: queue.Queue[dict[TopicPartition, int]] = queue.Queue()

@@ -45,10 +45,8 @@ class Baselines:
 
 def measure_baselines(settings: Settings, bundle: Bundle, workload: Workload, references: np.ndarray,
                       args: argparse.Namespace) -> Baselines:
-    from workers.ingest import limits_from
-
     sample_size = sizes.BASELINE_SAMPLE.pick(args.naive_images, args.quick)
-    limits = limits_from(settings)
+    limits = settings.load_limits()
     draft = (settings.pipeline.draft_size, settings.pipeline.draft_size)
     model = CnnModel(bundle.cnn)
     index = bundle.load_references()

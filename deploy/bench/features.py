@@ -35,7 +35,7 @@ def run(args: argparse.Namespace, settings: Settings) -> SuiteResult:
     image_sizes = [parse_size(text) for text in sizes.FEATURE_SIZES.pick(args.feature_sizes, args.quick)]
     count = sizes.FEATURE_IMAGES.pick(args.feature_images, args.quick)
     draft = (settings.pipeline.draft_size, settings.pipeline.draft_size)
-    limits = LoadLimits(max_bytes=settings.limits.max_bytes, max_pixels=settings.limits.max_pixels)
+    limits = settings.load_limits()
     result = SuiteResult("features", params={"sizes": [f"{w}x{h}" for w, h in image_sizes], "images_per_size": count,
                                              "draft": f"{draft[0]}x{draft[1]}", "repeats": args.repeats,
                                              "seed": args.seed})

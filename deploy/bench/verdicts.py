@@ -6,10 +6,8 @@ from __future__ import annotations
 import threading
 import time
 
-from kafka import TopicPartition
-
 from common.config import Settings
-from common.kafkaio import make_consumer
+from common.kafkaio import make_consumer, read_from_beginning
 from common.messages import Verdict, parse_verdict
 from deploy.bench.report import BenchError
 
@@ -22,12 +20,7 @@ class VerdictCollector:
     def __init__(self, settings: Settings) -> None:
         topic = settings.topics.verdicts
         self._consumer = make_consumer(settings, topics=None, group_id=None)
-        self._consumer.topics()  # metadata: the pipeline created the topic moments ago
-        partitions = [TopicPartition(topic, p) for p in sorted(self._consumer.partitions_for_topic(topic) or [])]
-        if not partitions:
-            raise BenchError(f"verdict topic {topic} has no partitions")
-        self._consumer.assign(partitions)
-        self._consumer.seek_to_beginning(*partitions)
+        read_from_beginning(self._consumer, [topic])
         self._arrivals: dict[str, Arrival] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()

@@ -31,12 +31,6 @@ def _parser(sub: Any, name: str, common: argparse.ArgumentParser, help_text: str
                           description=f"{textwrap.fill(description, 100)}\n\nexamples:\n{examples}\n\n{SEQUENCE}")
 
 
-def _limits(settings: Settings) -> Any:
-    from workers.ingest import limits_from
-
-    return limits_from(settings)
-
-
 def _show(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=True, default=str))
 
@@ -48,7 +42,7 @@ def cmd_data_check(args: argparse.Namespace, settings: Settings) -> int:
 
     fractions = parse_fractions(args.split)
     with ray_session(settings.ray_address):
-        summary = run_check(args.dataset, Path(args.out), _limits(settings), settings.pipeline.draft_size,
+        summary = run_check(args.dataset, Path(args.out), settings.load_limits(), settings.pipeline.draft_size,
                             args.phash_max_distance if args.phash_max_distance is not None
                             else settings.pipeline.phash_max_distance, fractions, args.seed, args.placeholder_min)
     _show({key: summary[key] for key in ("files", "status", "classes_after", "leakage_after_split")}
@@ -61,7 +55,7 @@ def cmd_index_build(args: argparse.Namespace, settings: Settings) -> int:
     from workers.jobs.parallel import ray_session
 
     with ray_session(settings.ray_address):
-        knn = build_index(Path(args.workdir), Path(args.bundle), _limits(settings), settings.pipeline.draft_size,
+        knn = build_index(Path(args.workdir), Path(args.bundle), settings.load_limits(), settings.pipeline.draft_size,
                           k=args.k or settings.pipeline.knn_k, ef=args.ef or settings.pipeline.knn_ef, m=args.m)
     _show(knn)
     return 0
@@ -79,7 +73,7 @@ def cmd_train_cnn(args: argparse.Namespace, settings: Settings) -> int:
         hidden=args.hidden, balance=tuple(part for part in args.balance.split(",") if part and part != "none"),
         augment_copies=args.augment_copies, patience=args.patience, seed=args.seed)
     with ray_session(settings.ray_address):
-        cnn = train_cnn(Path(args.workdir), Path(args.bundle), options, args.sweep, _limits(settings),
+        cnn = train_cnn(Path(args.workdir), Path(args.bundle), options, args.sweep, settings.load_limits(),
                         settings.pipeline.draft_size, gpus=args.gpus)
     training = cnn["training"]
     _show({"model": cnn["path"], "format": cnn["format"], "options": training["options"],
@@ -95,9 +89,9 @@ def cmd_train_fusion(args: argparse.Namespace, settings: Settings) -> int:
     from workers.jobs.train_fusion import train_fusion
 
     with ray_session(settings.ray_address):
-        result = train_fusion(Path(args.workdir), Path(args.bundle), _limits(settings), settings.pipeline.draft_size,
-                              settings.pipeline.knn_k, args.target_precision, args.target_recall, args.max_depth,
-                              args.seed)
+        result = train_fusion(Path(args.workdir), Path(args.bundle), settings.load_limits(),
+                              settings.pipeline.draft_size, settings.pipeline.knn_k, args.target_precision,
+                              args.target_recall, args.max_depth, args.seed)
     _show(result)
     thresholds = result["thresholds"]
     print(f"to use these thresholds: MODSTREAM_THRESHOLDS_BLOCK={thresholds['block']:.4f} "
@@ -112,7 +106,7 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
 
     with ray_session(settings.ray_address):
         metrics = evaluate(Path(args.dataset), Path(args.bundle), Path(args.out) if args.out else None,
-                           _limits(settings), settings.pipeline.draft_size, settings.pipeline.knn_k,
+                           settings.load_limits(), settings.pipeline.draft_size, settings.pipeline.knn_k,
                            settings.pipeline.phash_max_distance,
                            (settings.thresholds.review, settings.thresholds.block))
     out = Path(args.out) if args.out else Path(args.bundle) / EVAL_DIR
@@ -128,7 +122,7 @@ def cmd_explain(args: argparse.Namespace, settings: Settings) -> int:
 
     bundle = resolve_bundle(args.bundle or settings.bundle)
     out = Path(args.out or f"{Path(args.image).stem}-gradcam.png")
-    score = explain(args.image, bundle, out, _limits(settings), settings.pipeline.draft_size)
+    score = explain(args.image, bundle, out, settings.load_limits(), settings.pipeline.draft_size)
     print(f"P(adult) = {score:.4f} by bundle {bundle.id}; Grad-CAM overlay written to {out}")
     return 0
 
