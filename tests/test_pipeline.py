@@ -130,3 +130,18 @@ def test_dedup_state_survives_a_restart(start_pipeline, make_settings) -> None:
     outputs.wait(2)
     verdict = outputs.by_image()["city-01-again"]
     assert (verdict.source, verdict.matched_image_id) == ("exact_duplicate", "city-01")
+
+
+def test_review_by_hashes_applies_to_an_image_not_yet_seen(start_pipeline) -> None:
+    from common.features import md5_hex
+
+    pipeline, outputs = start_pipeline()
+    settings = pipeline.settings
+    image = SAMPLES / "field-02.jpg"
+    publish_review(settings, ReviewDecision(image_id="elsewhere-1", label="adult", reviewer="test",
+                                            md5=md5_hex(image.read_bytes())))
+    wait_for(lambda: pipeline.stats().get("reviews_applied", 0) >= 1, message="review applied")
+    publish_events(settings, [upload_event_for(image, inline=False, image_id="field-02-upload")])
+    outputs.wait(1)
+    verdict = outputs.by_image()["field-02-upload"]
+    assert (verdict.action, verdict.source, verdict.matched_image_id) == ("block", "review_cache", "elsewhere-1")
