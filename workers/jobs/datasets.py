@@ -146,7 +146,7 @@ def read_bytes(uri: str, limits: LoadLimits) -> bytes:
     """
     if "://" in uri:
         return fetch_bytes(uri, limits)
-    path = Path(uri)
+    path = Path(uri).resolve()  # the operator's own links (datasets often are) are followed
     return fetch_bytes(path.as_uri(), replace(limits, file_roots=(*limits.file_roots, str(path.parent))))
 
 
