@@ -79,8 +79,11 @@ def decode_in_process(data: bytes, limits: LoadLimits, draft_to: tuple[int, int]
         return _decode(data, image_format, limits, draft_to)
     except LoadError:
         raise
-    except (Image.DecompressionBombError, MemoryError) as exc:
-        raise LoadError("too_large", f"{image_format} over the memory budget: {type(exc).__name__}") from exc
+    except Image.DecompressionBombError as exc:
+        raise LoadError("too_large", f"{image_format}: {exc}") from exc
+    except MemoryError as exc:
+        raise LoadError("too_large", f"decoding this {image_format} needs more than the memory budget "
+                                     f"({limits.decode_memory_bytes >> 20} MiB)") from exc
     except Exception as exc:  # noqa: BLE001 - hostile bytes make Pillow raise anything; all mean "corrupt"
         raise LoadError("decode_failed", f"corrupt {image_format} data: {type(exc).__name__}: {exc}") from exc
 
