@@ -10,14 +10,17 @@ worker that dies or overruns is reaped and replaced on the next call.
 
 Workers are plain ``python -c`` processes started on first use (never forked
 from a process that runs threads) and reused; each process keeps up to
-limits.decode_workers of them, so that many decodes run in parallel. Requests
-and replies travel over a Unix socket pair as JSON headers plus raw bytes, never
-pickles: a decoder subverted by a crafted file cannot run code in the caller.
+limits.decode_workers of them, so that many decodes run in parallel. The file's
+bytes and the decoded pixels pass through memory shared with the worker (no
+copies through the kernel); requests and replies are small JSON messages over a
+Unix socket pair, never pickles: a decoder subverted by a crafted file cannot
+run code in the caller.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import resource
 import signal
@@ -41,12 +44,12 @@ __all__ = ["DecoderUnavailableError", "DecoderUsage", "decode_in_worker", "decod
 
 _LENGTH = struct.Struct("<Q")
 _MAX_HEADER_BYTES = 64 * 1024
-_SOCKET_BUFFER_BYTES = 4 << 20  # Linux caps it at net.core.wmem_max (often 4 MiB, at least 208 KiB)
+_KEEP_SHARED_BYTES = 16 << 20  # shared memory a worker may keep resident between decodes, each way
 _START_TIMEOUT_S = 60.0  # imports on a loaded machine; a worker starts once, then serves many decodes
 _BLOCK_BYTES = 16 << 20  # Pillow's default image block
 _CACHED_BLOCKS = 4
 _SLACK_BYTES = (64 << 20) + _CACHED_BLOCKS * _BLOCK_BYTES  # codecs loaded on first use, stacks, cached blocks
-_ENTRY = "import sys; from common.decodeworker import serve; serve(int(sys.argv[1]))"
+_ENTRY = "import sys; from common.decodeworker import serve; serve(*map(int, sys.argv[1:]))"
 _PROJECT_ROOT = str(Path(__file__).resolve().parents[1])
 
 
@@ -76,12 +79,11 @@ class DecoderUsage:
 def decode_in_worker(data: bytes, limits: LoadLimits, draft_to: tuple[int, int] | None) -> Image.Image:
     """common.decode.decode_in_process(data, limits, draft_to), run in a budgeted worker."""
     pool = _pool()
-    worker = pool.acquire(limits.decode_workers)
+    worker = pool.acquire(limits)
     try:
-        width, height, pixels = worker.decode(data, limits, draft_to)
+        return worker.decode(data, limits, draft_to)
     finally:
         pool.release(worker)
-    return Image.frombytes("RGB", (width, height), pixels)
 
 
 def decoder_usage() -> DecoderUsage:
@@ -98,21 +100,30 @@ def stop_decoders() -> None:
 
 
 class _Worker:
-    def __init__(self) -> None:
+    """One worker process, its socket and the shared memory that carries the image both ways:
+    the file's bytes at the start, the decoded RGBX pixels after input_capacity."""
+
+    def __init__(self, limits: LoadLimits) -> None:
+        self.input_capacity = -(-limits.max_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
+        self.output_capacity = limits.max_pixels * 4
+        shared_fd = os.memfd_create("modstream-decode", os.MFD_CLOEXEC)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        for end in (ours, theirs):  # an image in one write: fewer wake-ups of either side per decode
-            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER_BYTES)
         # The worker imports this very module, wherever this process found it.
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (_PROJECT_ROOT,
                                                                           os.environ.get("PYTHONPATH"))))}
         try:
-            self.process = subprocess.Popen([sys.executable, "-c", _ENTRY, str(theirs.fileno())],
-                                            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env,
-                                            start_new_session=True)
+            os.ftruncate(shared_fd, self.input_capacity + self.output_capacity)  # sparse: pages come on use
+            self.shared = mmap.mmap(shared_fd, self.input_capacity + self.output_capacity)
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", _ENTRY, str(theirs.fileno()), str(shared_fd), str(self.input_capacity),
+                 str(self.output_capacity)],
+                pass_fds=(theirs.fileno(), shared_fd), stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         except OSError as exc:
+            ours.close()
             raise DecoderUnavailableError(f"cannot start a decode worker: {exc}") from exc
         finally:
             theirs.close()
+            os.close(shared_fd)
         self.sock = ours
         self.alive = True
         self.cpu_s = 0.0
@@ -124,18 +135,20 @@ class _Worker:
             raise DecoderUnavailableError(f"decode worker did not start (exit status "
                                           f"{self.process.returncode})") from exc
 
-    def decode(self, data: bytes, limits: LoadLimits,
-               draft_to: tuple[int, int] | None) -> tuple[int, int, bytearray]:
-        """(width, height, RGB bytes), or LoadError; a worker that dies or hangs is reaped first."""
+    def fits(self, limits: LoadLimits) -> bool:
+        return limits.max_bytes <= self.input_capacity and limits.max_pixels * 4 <= self.output_capacity
+
+    def decode(self, data: bytes, limits: LoadLimits, draft_to: tuple[int, int] | None) -> Image.Image:
+        """The decoded RGB image, or LoadError; a worker that dies or hangs is reaped first."""
         # The CPU timer is the budget; this only catches a stuck worker, with room for a starved machine.
         wall_s = max(30.0, limits.decode_cpu_s * 10)
         deadline = time.monotonic() + wall_s
-        request = {"draft": draft_to, "limits": {
+        request = {"draft": draft_to, "size": len(data), "limits": {
             "max_bytes": limits.max_bytes, "max_pixels": limits.max_pixels, "formats": limits.formats,
             "decode_cpu_s": limits.decode_cpu_s, "decode_memory_bytes": limits.decode_memory_bytes}}
         try:
+            self.shared[:len(data)] = data
             _send(self.sock, json.dumps(request).encode(), deadline)
-            _send(self.sock, data, deadline)
             reply = _read_json(self.sock, deadline)
             self._note_usage(reply)
             if not reply.get("ok"):
@@ -143,7 +156,7 @@ class _Worker:
             width, height = (int(side) for side in reply["size"])
             if not (width > 0 and height > 0 and width * height <= limits.max_pixels):
                 raise DecoderUnavailableError(f"decode worker answered an impossible size {width}x{height}")
-            pixels = _receive(self.sock, deadline, width * height * 3)
+            image = self._pixels(width, height)
         except LoadError:
             raise
         except _WorkerGone as exc:
@@ -151,7 +164,25 @@ class _Worker:
         except BaseException:
             self.kill()  # interrupted mid-exchange, or an answer that breaks the protocol
             raise
-        return width, height, pixels
+        finally:
+            self._release_pages(len(data), 0)
+        self._release_pages(0, width * height * 4)
+        return image
+
+    def _pixels(self, width: int, height: int) -> Image.Image:
+        """A copy of the RGBX pixels the worker left in shared memory, as an RGB image of its own."""
+        start = self.input_capacity
+        with memoryview(self.shared)[start:start + width * height * 4] as view:
+            shared = Image.frombuffer("RGBX", (width, height), view, "raw", "RGBX", 0, 1)
+            image = shared.convert("RGB")
+            del shared  # releases the view before it closes
+        return image
+
+    def _release_pages(self, input_bytes: int, output_bytes: int) -> None:
+        """Give large images' pages back: shared memory otherwise stays resident at its largest use."""
+        for start, used in ((0, input_bytes), (self.input_capacity, output_bytes)):
+            if used > _KEEP_SHARED_BYTES and self.alive:
+                self.shared.madvise(mmap.MADV_REMOVE, start, -(-used // mmap.PAGESIZE) * mmap.PAGESIZE)
 
     def _failure(self, timed_out: bool, wall_s: float, limits: LoadLimits) -> LoadError:
         self.kill()
@@ -173,6 +204,7 @@ class _Worker:
             return
         self.alive = False
         self.sock.close()
+        self.shared.close()
         if self.process.returncode is None:
             os.kill(self.process.pid, signal.SIGKILL)  # unreaped, so the pid is still ours even if it exited
             self._reap()
@@ -182,6 +214,7 @@ class _Worker:
         if self.alive:
             self.alive = False
             self.sock.close()
+            self.shared.close()
             self._reap()
 
     def _reap(self) -> None:
@@ -205,15 +238,24 @@ class _Pool:
         self._retired_cpu_s = 0.0
         self._retired_peak_rss = 0
 
-    def acquire(self, most: int) -> _Worker:
+    def acquire(self, limits: LoadLimits) -> _Worker:
         with self._changed:
-            while not self._idle and len(self._live) + self._starting >= most:
+            while not self._idle and len(self._live) + self._starting >= limits.decode_workers:
                 self._changed.wait()
             if self._idle:
-                return self._idle.pop()
+                worker = self._idle.pop()
+                if worker.fits(limits):
+                    return worker
+                outgrown = worker  # its shared memory is too small for these limits: replace it
+            else:
+                outgrown = None
             self._starting += 1
+        if outgrown is not None:
+            outgrown.close()
+            with self._changed:
+                self._retire(outgrown)
         try:
-            worker = _Worker()
+            worker = _Worker(limits)
         finally:
             with self._changed:
                 self._starting -= 1
@@ -279,11 +321,10 @@ def _send(sock: socket.socket, payload: bytes, deadline: float) -> None:
         raise _WorkerGone(str(exc)) from exc
 
 
-def _receive(sock: socket.socket, deadline: float | None, expected: int | None = None,
-             most: int | None = None) -> bytearray:
-    """One message; `expected` its exact length, `most` its largest allowed length."""
+def _receive(sock: socket.socket, deadline: float | None, most: int) -> bytearray:
+    """One message of at most `most` bytes."""
     length = _LENGTH.unpack(_receive_exactly(sock, _LENGTH.size, deadline))[0]
-    if (expected is not None and length != expected) or (most is not None and length > most):
+    if length > most:
         raise _WorkerGone(f"message of {length} bytes")
     return _receive_exactly(sock, length, deadline)
 
@@ -317,47 +358,48 @@ def _read_json(sock: socket.socket, deadline: float | None) -> dict[str, Any]:
 # --- the worker's side ---------------------------------------------------------------------------
 
 
-def serve(fd: int) -> None:
+def serve(fd: int, shared_fd: int, input_capacity: int, output_capacity: int) -> None:
     """The worker's loop: decode each request under the budgets it names, until the caller hangs up."""
     from common.decode import decode_in_process  # imports Pillow's codecs before the idle size is taken
 
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash on a crafted file leaves no core dump behind
     sock = socket.socket(fileno=fd)
+    shared = mmap.mmap(shared_fd, input_capacity + output_capacity)
+    os.close(shared_fd)
     Image.init()
     # Keep a few freed image blocks for the next decode instead of faulting in fresh pages each time
     # (measured: a quarter of the decode's CPU on 1024x768 drafts). Their room is in _SLACK_BYTES.
     Image.core.set_blocks_max(_CACHED_BLOCKS)
     Image.core.set_block_size(_BLOCK_BYTES)
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    idle_bytes = _address_space_bytes()
+    idle_bytes = _address_space_bytes()  # the shared memory's mapping included
     _send_json(sock, _usage())
     while True:
         try:
             request = json.loads(_receive(sock, None, most=_MAX_HEADER_BYTES))
-            data = bytes(_receive(sock, None))
         except _WorkerGone:
             return
         limits = LoadLimits(**request["limits"])
         draft = tuple(request["draft"]) if request["draft"] else None
         cap = idle_bytes + limits.decode_memory_bytes + _SLACK_BYTES
         reply: dict[str, Any]
-        pixels = b""
         resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
         signal.setitimer(signal.ITIMER_PROF, limits.decode_cpu_s)
         try:
-            image = decode_in_process(data, limits, draft)  # type: ignore[arg-type]
-            pixels = image.tobytes()
+            image = decode_in_process(shared[:min(request["size"], input_capacity)], limits,
+                                      draft)  # type: ignore[arg-type]
+            pixels = image.tobytes("raw", "RGBX")
+            if len(pixels) > output_capacity:
+                raise LoadError("too_large", f"{image.width}x{image.height} pixels, limit {limits.max_pixels}")
+            shared[input_capacity:input_capacity + len(pixels)] = pixels
             reply = {"ok": True, "size": image.size}
-            del image
+            del image, pixels
         except LoadError as exc:
             reply = {"ok": False, "reason": exc.reason, "detail": exc.detail}
         finally:
             signal.setitimer(signal.ITIMER_PROF, 0)
             resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
-        del data
         _send_json(sock, {**reply, **_usage()})
-        if reply["ok"]:
-            _send(sock, pixels, time.monotonic() + _START_TIMEOUT_S)
 
 
 def _send_json(sock: socket.socket, value: dict[str, Any]) -> None:
