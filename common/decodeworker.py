@@ -44,7 +44,8 @@ __all__ = ["DecoderUnavailableError", "DecoderUsage", "decode_in_worker", "decod
 
 _LENGTH = struct.Struct("<Q")
 _MAX_HEADER_BYTES = 64 * 1024
-_KEEP_SHARED_BYTES = 16 << 20  # shared memory a worker may keep resident between decodes, each way
+_KEEP_SHARED_BYTES = 48 << 20  # shared memory a worker keeps resident between decodes (a 12 MP image)
+_CHUNK_BYTES = 1 << 20
 _START_TIMEOUT_S = 60.0  # imports on a loaded machine; a worker starts once, then serves many decodes
 _BLOCK_BYTES = 16 << 20  # Pillow's default image block
 _CACHED_BLOCKS = 4
@@ -72,8 +73,8 @@ class DecoderUsage:
     cpu_s: float
     """CPU seconds of every worker ever started, those that died included."""
     peak_rss_bytes: int
-    """The highest peak resident memory the workers alive or ended since the last stop_decoders()
-    reported after a decode (a worker killed mid-decode never reports that decode's peak)."""
+    """The highest peak resident memory of the workers alive or ended since the last stop_decoders(),
+    as they last reported it (a worker killed mid-decode never reports that decode's peak)."""
 
 
 def decode_in_worker(data: bytes, limits: LoadLimits, draft_to: tuple[int, int] | None) -> Image.Image:
@@ -87,6 +88,7 @@ def decode_in_worker(data: bytes, limits: LoadLimits, draft_to: tuple[int, int] 
 
 
 def decoder_usage() -> DecoderUsage:
+    """Asks each idle worker (a round trip each): for benchmarks and tests, not for every decode."""
     return _pool().usage()
 
 
@@ -101,11 +103,11 @@ def stop_decoders() -> None:
 
 class _Worker:
     """One worker process, its socket and the shared memory that carries the image both ways:
-    the file's bytes at the start, the decoded RGBX pixels after input_capacity."""
+    the file's bytes at the start, the decoded RGB pixels after input_capacity."""
 
     def __init__(self, limits: LoadLimits) -> None:
         self.input_capacity = -(-limits.max_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
-        self.output_capacity = limits.max_pixels * 4
+        self.output_capacity = limits.max_pixels * 3
         shared_fd = os.memfd_create("modstream-decode", os.MFD_CLOEXEC)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # The worker imports this very module, wherever this process found it.
@@ -136,7 +138,7 @@ class _Worker:
                                           f"{self.process.returncode})") from exc
 
     def fits(self, limits: LoadLimits) -> bool:
-        return limits.max_bytes <= self.input_capacity and limits.max_pixels * 4 <= self.output_capacity
+        return limits.max_bytes <= self.input_capacity and limits.max_pixels * 3 <= self.output_capacity
 
     def decode(self, data: bytes, limits: LoadLimits, draft_to: tuple[int, int] | None) -> Image.Image:
         """The decoded RGB image, or LoadError; a worker that dies or hangs is reaped first."""
@@ -150,7 +152,6 @@ class _Worker:
             self.shared[:len(data)] = data
             _send(self.sock, json.dumps(request).encode(), deadline)
             reply = _read_json(self.sock, deadline)
-            self._note_usage(reply)
             if not reply.get("ok"):
                 raise LoadError(reply["reason"], str(reply["detail"]))
             width, height = (int(side) for side in reply["size"])
@@ -166,17 +167,14 @@ class _Worker:
             raise
         finally:
             self._release_pages(len(data), 0)
-        self._release_pages(0, width * height * 4)
+        self._release_pages(0, width * height * 3)
         return image
 
     def _pixels(self, width: int, height: int) -> Image.Image:
-        """A copy of the RGBX pixels the worker left in shared memory, as an RGB image of its own."""
+        """A copy of the RGB pixels the worker left in shared memory, as an image of its own."""
         start = self.input_capacity
-        with memoryview(self.shared)[start:start + width * height * 4] as view:
-            shared = Image.frombuffer("RGBX", (width, height), view, "raw", "RGBX", 0, 1)
-            image = shared.convert("RGB")
-            del shared  # releases the view before it closes
-        return image
+        with memoryview(self.shared)[start:start + width * height * 3] as view:
+            return Image.frombuffer("RGB", (width, height), view, "raw", "RGB", 0, 1)  # RGB: a copy, never shared
 
     def _release_pages(self, input_bytes: int, output_bytes: int) -> None:
         """Give large images' pages back: shared memory otherwise stays resident at its largest use."""
@@ -193,6 +191,15 @@ class _Worker:
             return LoadError("too_large", f"decoding needs more than the {limits.decode_cpu_s:g} s CPU budget")
         name = signal.Signals(-status).name if status < 0 and -status in signal.valid_signals() else status
         return LoadError("decode_failed", f"the decoder crashed on this image ({name})")
+
+    def refresh_usage(self) -> None:
+        """Ask the idle worker for its CPU and peak memory (not part of every reply: reading the peak
+        costs the worker more than a small decode)."""
+        try:
+            _send(self.sock, json.dumps({"usage": True}).encode(), time.monotonic() + _START_TIMEOUT_S)
+            self._note_usage(_read_json(self.sock, time.monotonic() + _START_TIMEOUT_S))
+        except (_WorkerGone, ValueError):
+            self.kill()
 
     def _note_usage(self, reply: dict[str, Any]) -> None:
         self.cpu_s = float(reply.get("cpu_s", self.cpu_s))
@@ -290,6 +297,16 @@ class _Pool:
 
     def usage(self) -> DecoderUsage:
         with self._changed:
+            idle, self._idle = self._idle, []
+        for worker in idle:
+            worker.refresh_usage()
+        with self._changed:
+            for worker in idle:
+                if worker.alive:
+                    self._idle.append(worker)
+                else:
+                    self._retire(worker)
+            self._changed.notify_all()
             return DecoderUsage(self._retired_cpu_s + sum(worker.cpu_s for worker in self._live),
                                 max([self._retired_peak_rss, *(worker.peak_rss_bytes for worker in self._live)]))
 
@@ -379,6 +396,9 @@ def serve(fd: int, shared_fd: int, input_capacity: int, output_capacity: int) ->
             request = json.loads(_receive(sock, None, most=_MAX_HEADER_BYTES))
         except _WorkerGone:
             return
+        if "usage" in request:
+            _send_json(sock, _usage())
+            continue
         limits = LoadLimits(**request["limits"])
         draft = tuple(request["draft"]) if request["draft"] else None
         cap = idle_bytes + limits.decode_memory_bytes + _SLACK_BYTES
@@ -388,18 +408,34 @@ def serve(fd: int, shared_fd: int, input_capacity: int, output_capacity: int) ->
         try:
             image = decode_in_process(shared[:min(request["size"], input_capacity)], limits,
                                       draft)  # type: ignore[arg-type]
-            pixels = image.tobytes("raw", "RGBX")
-            if len(pixels) > output_capacity:
+            if image.width * image.height * 3 > output_capacity:
                 raise LoadError("too_large", f"{image.width}x{image.height} pixels, limit {limits.max_pixels}")
-            shared[input_capacity:input_capacity + len(pixels)] = pixels
+            _write_rgb(image, shared, input_capacity)
             reply = {"ok": True, "size": image.size}
-            del image, pixels
+            del image
         except LoadError as exc:
             reply = {"ok": False, "reason": exc.reason, "detail": exc.detail}
         finally:
             signal.setitimer(signal.ITIMER_PROF, 0)
             resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
-        _send_json(sock, {**reply, **_usage()})
+        _send_json(sock, reply)
+
+
+def _write_rgb(image: Image.Image, shared: mmap.mmap, offset: int) -> None:
+    """Pack the pixels straight into shared memory, a chunk at a time, as tobytes() does: tobytes()
+    would then join the chunks into one bytes object, faulting in fresh pages for each large image."""
+    encoder = Image._getencoder("RGB", "raw", "RGB")
+    try:
+        encoder.setimage(image.im, (0, 0, *image.size))
+        status = 0
+        while status == 0:
+            _, status, chunk = encoder.encode(max(_CHUNK_BYTES, image.width * 4))
+            shared[offset:offset + len(chunk)] = chunk
+            offset += len(chunk)
+        if status < 0:
+            raise LoadError("decode_failed", f"cannot pack the decoded pixels (encoder error {status})")
+    finally:
+        encoder.cleanup()
 
 
 def _send_json(sock: socket.socket, value: dict[str, Any]) -> None:
