@@ -51,3 +51,22 @@ def test_sasl_settings_pass_through_and_the_password_stays_secret() -> None:
     assert (kwargs["sasl_mechanism"], kwargs["sasl_plain_username"], kwargs["sasl_plain_password"]) == \
         ("SCRAM-SHA-512", "ms", "s3cret")
     assert "s3cret" not in repr(settings)
+
+
+def test_output_compression_is_a_kafka_setting() -> None:
+    assert load_settings(env={}).kafka.compression_type == "zstd"
+    settings = load_settings(env={"MODSTREAM_KAFKA_COMPRESSION_TYPE": "gzip"})
+    assert settings.kafka.compression_type == "gzip"
+    with pytest.raises(ConfigError, match=r"kafka.compression_type \(MODSTREAM_KAFKA_COMPRESSION_TYPE\)"):
+        load_settings(env={"MODSTREAM_KAFKA_COMPRESSION_TYPE": "brotli"})
+
+
+@pytest.mark.parametrize(("setting", "client_value"), [("none", None), ("gzip", "gzip"), ("zstd", "zstd")])
+def test_producers_compress_as_configured(setting: str, client_value: str | None) -> None:
+    """make_producer hands the setting to kafka-python, which checks the codec library is installed."""
+    from common.kafkaio import make_producer
+
+    settings = load_settings({"kafka": {"bootstrap": "127.0.0.1:1", "compression_type": setting}}, env={})
+    producer = make_producer(settings, bootstrap_servers=[], api_version=(2, 8))
+    assert producer.config["compression_type"] == client_value
+    producer.close(timeout=0)
