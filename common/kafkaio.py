@@ -190,8 +190,8 @@ def poll_records(consumer: KafkaConsumer, timeout_ms: int, max_records: int | No
     Policy: skip and report. A batch this client cannot decode will not
     decode on a retry (every codec Kafka defines is installed; a stored
     batch with a bad payload or checksum stays bad), and stopping the
-    partition would halt every upload behind it. So the batch is logged at ERROR with
-    topic, partition and offsets, counted in
+    partition would halt every upload behind it. So the batch is logged at
+    ERROR with topic, partition and offsets, counted in
     ``modstream_undecodable_batches_total{topic}``, the partition moves past
     it, and the caller gets it in ``Polled.undecodable`` to dead-letter.
     Other partitions keep flowing: their records come back in the same or
