@@ -77,7 +77,9 @@ def pending_after_kill(outputs: Outputs, events: list[UploadEvent], quiet_s: flo
         outputs.poll()
         if len(outputs.verdicts) != seen:
             seen, quiet_since = len(outputs.verdicts), time.monotonic()
-    return len({e.event_id for e in events} - {v.event_id for v in outputs.verdicts})
+    pending = len({e.event_id for e in events} - {v.event_id for v in outputs.verdicts})
+    print(f"{pending} of {len(events)} events without a verdict at the kill")  # shown with pytest -rP
+    return pending
 
 
 def test_killing_an_ingest_actor_mid_stream_loses_nothing(start_pipeline, make_settings) -> None:

@@ -115,6 +115,8 @@ def test_plain_clients_get_one_verdict_per_event_and_sigterm_drains(make_setting
         totals = {key: int(value) for key, value in run_totals(stderr).items() if value.isdigit()}
         read(lambda: False, 3.0)  # everything the drain published
 
+        print(f"{answered_at_sigterm} of {len(sent)} events answered when SIGTERM was sent, "
+              f"{totals['verdicts']} after the drain")  # shown with pytest -rP
         # The drain answered and counted what was in flight, then stopped taking new work.
         assert answered_at_sigterm < totals["verdicts"] < len(sent), (answered_at_sigterm, totals)
         assert set(verdicts) <= {e["event_id"] for e in sent}
