@@ -268,7 +268,7 @@ def test_default_render_serves_the_pipeline_on_cpus(rendered: dict[str, list[dic
     assert classifier["num_replicas"] == 1 and "autoscaling_config" not in classifier
     assert classifier["user_config"] == {"max_batch_size": 32, "batch_wait_timeout_s": 0.01}
     assert classifier["ray_actor_options"] == {"num_gpus": 0, "num_cpus": 1}
-    # @serve.batch cannot fill a batch larger than max_ongoing_requests: 2 x max_batch_size here.
+    # FACTS.md: @serve.batch cannot fill a batch larger than max_ongoing_requests.
     assert classifier["max_ongoing_requests"] == 64
     for pod in pod_templates(rayservice).values():
         for container in pod["spec"]["containers"]:
