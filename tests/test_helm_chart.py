@@ -2,15 +2,14 @@
 
 helm lints and renders the chart; core objects (and the Ray pod templates, as
 Pods) are validated against Kubernetes' own schemas by kubernetes-validate; the
-KubeRay and Strimzi resources against the openAPIV3Schema of their CRDs in
-../shared/crds (MODSTREAM_CRDS_DIR overrides it). The tools come from
-.ci/install-tools.sh (see tests/helm_tools.py).
+KubeRay and Strimzi resources against the openAPIV3Schema of their CRDs, copied
+into tests/fixtures/crds (see its README for source and licence). The tools come
+from .ci/install-tools.sh (see tests/helm_tools.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import pytest
 import yaml
 
 from common.config import env_var_name, load_settings
-from tests.helm_tools import REPO_ROOT, Helm, require_tool
+from tests.helm_tools import CRDS_DIR, REPO_ROOT, Helm, require_tool
 
 CHART = REPO_ROOT / "helm" / "modstream"
 GPU_VALUES = CHART / "values-gpu.yaml"
@@ -93,14 +92,6 @@ def chart_config(docs: list[dict[str, Any]]) -> dict[str, Any]:
 
 # --- CRD schemas ---------------------------------------------------------------------------------------
 
-def crds_dir() -> Path:
-    path = Path(os.environ.get("MODSTREAM_CRDS_DIR", REPO_ROOT.parent / "shared" / "crds"))
-    if not all((path / name).is_file() for name in CRD_FILES.values()):
-        pytest.fail(f"CRD files {sorted(CRD_FILES.values())} not found in {path}: "
-                    "set MODSTREAM_CRDS_DIR to the folder holding them (shared/crds)")
-    return path
-
-
 def crd_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
     """A CRD's structural OpenAPI v3 schema as JSON Schema.
 
@@ -133,7 +124,7 @@ def crd_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
 def crd_validators() -> dict[tuple[str, str], jsonschema.Draft7Validator]:
     validators = {}
     for (api_version, kind), filename in CRD_FILES.items():
-        crd = yaml.safe_load((crds_dir() / filename).read_text())
+        crd = yaml.safe_load((CRDS_DIR / filename).read_text())
         group, version = api_version.split("/")
         assert crd["spec"]["group"] == group and crd["spec"]["names"]["kind"] == kind, filename
         (served,) = [v for v in crd["spec"]["versions"] if v["name"] == version and v["served"]]

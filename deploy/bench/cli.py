@@ -101,9 +101,9 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     with contextlib.ExitStack() as stack:
         for name in suites:
             if name in RAY_SUITES and not ray_started:
-                from deploy.bench.cluster import ray_session
+                from common.raysession import ray_session
 
-                stack.enter_context(ray_session(settings))  # one Ray for every suite that needs it
+                stack.enter_context(ray_session(settings.ray_address))  # one Ray for every suite that needs it
                 ray_started = True
             print(f"running {name}...", file=sys.stderr, flush=True)
             started = time.monotonic()
