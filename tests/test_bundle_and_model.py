@@ -160,3 +160,94 @@ def test_grad_cam_explains_the_default_bundle(modstream_home) -> None:
     assert heatmap.shape == (7, 7) and heatmap.min() >= 0.0 and heatmap.max() == pytest.approx(1.0)
     expected = CnnModel(bundle.cnn).predict(bundle.cnn.model_input(photo)[None])[0]
     assert score == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_serve_options_count_requests_that_each_carry_a_batch() -> None:
+    from common.config import ClassifierConfig
+    from workers.classifier import MAX_CONCURRENT_BATCHES, classifier_options
+
+    scaled = ClassifierConfig(autoscaling=True, max_batch_size=32)
+    options = classifier_options(scaled, poll_records=32)
+    assert options["autoscaling_config"]["target_ongoing_requests"] == 1.0  # one full model batch per replica
+    assert options["max_ongoing_requests"] == MAX_CONCURRENT_BATCHES + 1
+    # Small polls: four 8-image requests fill a 32-image batch.
+    small = classifier_options(scaled, poll_records=8)
+    assert small["autoscaling_config"]["target_ongoing_requests"] == 4.0
+    assert small["max_ongoing_requests"] == 4 * (MAX_CONCURRENT_BATCHES + 1)
+    explicit = classifier_options(ClassifierConfig(autoscaling=True, target_ongoing_requests=3,
+                                                   max_ongoing_requests=9))
+    assert explicit["autoscaling_config"]["target_ongoing_requests"] == 3 and explicit["max_ongoing_requests"] == 9
+    # Four ingest actors with one request each in flight ask the autoscaler for four replicas.
+    assert 4 / options["autoscaling_config"]["target_ongoing_requests"] == 4
+
+
+def test_run_flags_override_the_bundles_thresholds() -> None:
+    from common.config import load_settings
+    from deploy.cli import _flags, build_parser
+
+    args = build_parser().parse_args(["run", "--block-threshold", "0.97"])
+    settings = load_settings(_flags(args), env={})
+    assert settings.thresholds.block == 0.97 and settings.thresholds.review is None
+    assert load_settings(_flags(build_parser().parse_args(["run"])), env={}).thresholds.block is None
+
+
+def _bundle_with_thresholds(tmp_path: Path, block: float, review: float) -> Path:
+    """A copy of the default bundle whose manifest carries other thresholds, as train fusion writes them."""
+    import shutil
+
+    from common.bundle import write_manifest
+
+    target = tmp_path / "low-thresholds"
+    shutil.copytree(default_bundle().path, target)
+    manifest = dict(load_bundle(target).manifest)
+    manifest.update(id="trained-low-thresholds", thresholds={"block": block, "review": review})
+    write_manifest(target, manifest)
+    return target
+
+
+@pytest.mark.integration
+def test_verdicts_apply_and_name_the_bundle_that_scored_them(start_pipeline, make_settings, tmp_path) -> None:
+    """The replica's bundle decides thresholds and model_version, across a switch of bundles; settings win."""
+    from ray import serve
+
+    from common.config import ClassifierConfig
+    from deploy.clients import publish_events, upload_event_for
+    from workers.classifier import classifier_app
+    from workers.ingest import APP_NAME
+
+    photos = sorted(SAMPLES.glob("*.jpg"))
+    low = _bundle_with_thresholds(tmp_path, block=0.0, review=0.0)  # every score >= 0: everything blocks
+    config = ClassifierConfig(max_batch_size=16)
+    serve.run(classifier_app(str(low), config), name=APP_NAME, route_prefix=None)
+    try:
+        settings = make_settings()
+        pipeline, outputs = start_pipeline(settings.model_copy(update={"bundle": str(low)}))
+        publish_events(pipeline.settings, [upload_event_for(photos[0], inline=True)])
+        outputs.wait(1)
+        first = outputs.verdicts[0]
+        assert (first.action, first.model_version, first.signals.thresholds) == \
+            ("block", "trained-low-thresholds", "bundle")
+
+        overridden = make_settings(thresholds={"block": 1.0, "review": 1.0})
+        other, other_outputs = start_pipeline(overridden.model_copy(update={"bundle": str(low)}))
+        publish_events(other.settings, [upload_event_for(photos[1], inline=True)])
+        other_outputs.wait(1)
+        verdict = other_outputs.verdicts[0]
+        assert verdict.score < 1.0  # an everyday photo
+        assert (verdict.action, verdict.model_version, verdict.signals.thresholds) == \
+            ("allow", "trained-low-thresholds", "settings")
+
+        # Switch the replicas to the default bundle: the same ingest actors stamp the new id.
+        serve.run(classifier_app(str(default_bundle().path), config), name=APP_NAME, route_prefix=None)
+        publish_events(pipeline.settings, [upload_event_for(photos[2], inline=True)])
+        outputs.wait(2)
+        switched = outputs.by_image()[photos[2].stem]
+        assert (switched.model_version, switched.signals.thresholds) == (default_bundle().id, "bundle")
+        assert switched.action == "allow"
+        # A copy of the first image keeps the verdict and provenance it was remembered with.
+        publish_events(pipeline.settings, [upload_event_for(photos[0], inline=True, image_id="copy-of-first")])
+        outputs.wait(3)
+        copy = outputs.by_image()["copy-of-first"]
+        assert copy.source == "exact_duplicate" and copy.model_version == "trained-low-thresholds"
+    finally:
+        serve.run(classifier_app(str(default_bundle().path), config), name=APP_NAME, route_prefix=None)

@@ -86,16 +86,17 @@ def cmd_train_cnn(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_train_fusion(args: argparse.Namespace, settings: Settings) -> int:
     from workers.jobs.parallel import ray_session
+    from workers.jobs.scoring import KnnSearch
     from workers.jobs.train_fusion import train_fusion
 
     with ray_session(settings.ray_address):
         result = train_fusion(Path(args.workdir), Path(args.bundle), settings.load_limits(),
-                              settings.pipeline.draft_size, settings.pipeline.knn_k, args.target_precision,
+                              settings.pipeline.draft_size, KnnSearch.of(settings), args.target_precision,
                               args.target_recall, args.max_depth, args.seed)
     _show(result)
     thresholds = result["thresholds"]
-    print(f"to use these thresholds: MODSTREAM_THRESHOLDS_BLOCK={thresholds['block']:.4f} "
-          f"MODSTREAM_THRESHOLDS_REVIEW={thresholds['review']:.4f} modstream run --bundle {args.bundle}",
+    print(f"the bundle now carries block {thresholds['block']:.4f} and review {thresholds['review']:.4f}; "
+          f"`modstream run --bundle {args.bundle}` applies them (MODSTREAM_THRESHOLDS_BLOCK/REVIEW override)",
           file=sys.stderr)
     return 0
 
@@ -103,12 +104,13 @@ def cmd_train_fusion(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
     from workers.jobs.evaluate import EVAL_DIR, evaluate
     from workers.jobs.parallel import ray_session
+    from workers.jobs.scoring import KnnSearch
 
     with ray_session(settings.ray_address):
         metrics = evaluate(Path(args.dataset), Path(args.bundle), Path(args.out) if args.out else None,
-                           settings.load_limits(), settings.pipeline.draft_size, settings.pipeline.knn_k,
+                           settings.load_limits(), settings.pipeline.draft_size, KnnSearch.of(settings),
                            settings.pipeline.phash_max_distance,
-                           (settings.thresholds.review, settings.thresholds.block))
+                           settings.thresholds)
     out = Path(args.out) if args.out else Path(args.bundle) / EVAL_DIR
     _show({"report": str(out / "report.md"), "images": metrics["images"],
            "adult_f1": {name: m["per_class"]["adult"]["f1"] for name, m in metrics["signals"].items()},

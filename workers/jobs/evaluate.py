@@ -19,8 +19,10 @@ from typing import Any
 import numpy as np
 
 from common.bundle import load_bundle
+from common.config import ThresholdConfig
 from common.features import phash_to_int
 from common.fetch import LoadLimits
+from common.fusion import applied_thresholds
 from common.hashindex import HashIndex
 from workers.jobs import bundles, measures, reporting
 from workers.jobs.datasets import Sample, is_workdir, read_dataset, read_split
@@ -32,7 +34,7 @@ from workers.jobs.hygiene import (
     read_records,
     scan,
 )
-from workers.jobs.scoring import score_samples
+from workers.jobs.scoring import KnnSearch, score_samples
 
 TABLE_THRESHOLDS = tuple(round(0.1 * step, 1) for step in range(1, 10))
 EVAL_DIR = "eval"
@@ -139,8 +141,8 @@ def write_report(out: Path, metrics: dict[str, Any], title: str) -> None:
     (out / "report.md").write_text("\n".join(lines))
 
 
-def evaluate(dataset: Path, bundle_path: Path, out: Path | None, limits: LoadLimits, draft: int, knn_k: int,
-             max_distance: int, default_thresholds: tuple[float, float],
+def evaluate(dataset: Path, bundle_path: Path, out: Path | None, limits: LoadLimits, draft: int, knn: KnnSearch,
+             max_distance: int, overrides: ThresholdConfig | None = None,
              placeholder_min: int = DEFAULT_PLACEHOLDER_MIN) -> dict[str, Any]:
     """Evaluate on DATASET's test split (a prepared work dir) or on all of a cleaned dataset; returns the
     metrics, also recorded in the manifest under "test" or the dataset's folder name."""
@@ -155,14 +157,15 @@ def evaluate(dataset: Path, bundle_path: Path, out: Path | None, limits: LoadLim
         kept = [item.record for item in analyse(records, placeholder_min, max_distance) if item.status == "kept"]
         samples = [Sample(record.uri, record.label, md5=record.md5) for record in kept]
         name, title = dataset.name, "whole dataset (cleaned)"
-    scores = score_samples(bundle_path, samples, limits, draft, knn_k, desc="score test")
-    thresholds = bundle.manifest.get("thresholds") or {}
-    review = float(thresholds.get("review", default_thresholds[0]))
-    block = float(thresholds.get("block", default_thresholds[1]))
+    scores = score_samples(bundle_path, samples, limits, draft, knn, desc="score test")
+    overrides = overrides or ThresholdConfig()
+    thresholds, source = applied_thresholds(bundle.thresholds, overrides.block, overrides.review)
+    review, block = thresholds.review, thresholds.block
     metrics = compute_metrics(scores.labels, {"knn": scores.knn, "cnn": scores.cnn,
                                               "fused": scores.fused(bundle.load_fusion())}, review, block)
-    metrics.update({"bundle": bundle.id, "dataset": str(dataset), "split": title, "unreadable": scores.unreadable,
-                    "dedup": dedup_effect(records, max_distance), "evaluated": bundles.now()})
+    metrics.update({"thresholds_from": source, "bundle": bundle.id, "dataset": str(dataset), "split": title,
+                    "unreadable": scores.unreadable, "dedup": dedup_effect(records, max_distance),
+                    "evaluated": bundles.now()})
     write_report(out or bundle_path / EVAL_DIR, metrics, title)
     manifest = dict(bundle.manifest)
     manifest["metrics"] = {**manifest.get("metrics", {}), name: _summary(metrics)}
