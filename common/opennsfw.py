@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -249,27 +249,47 @@ class OnnxGraph:
         return _Tensor(tf.nn.softmax(x.value, axis=-1))
 
 
-def convert(source: Path, target: Path, input_size: int = 224) -> None:
+def dense_head(tf: Any, pooled: Any, layers: Sequence[tuple[np.ndarray, np.ndarray]]) -> Any:
+    """A trained head on the pooled features: dense layers, ReLU between them, softmax last."""
+    x = pooled
+    for number, (kernel, bias) in enumerate(layers):
+        x = tf.matmul(x, tf.constant(kernel, tf.float32)) + tf.constant(bias, tf.float32)
+        if number < len(layers) - 1:
+            x = tf.nn.relu(x)
+    return tf.nn.softmax(x, axis=-1)
+
+
+def convert(source: Path, target: Path, input_size: int = 224,
+            head: Sequence[tuple[np.ndarray, np.ndarray]] | None = None) -> None:
     """Write a SavedModel at target: ``serving_default`` maps ``images`` to ``probabilities``; the
     ``features`` signature also returns ``pooled`` and ``last_maps``; the module's ``head`` function
-    maps ``last_maps`` to ``probabilities`` (Grad-CAM takes its gradient)."""
+    maps ``last_maps`` to ``probabilities`` (Grad-CAM takes its gradient).
+
+    ``head``: (kernel, bias) of dense layers that replace open_nsfw's own classifier on the pooled
+    features (transfer learning); their softmax is [normal, adult] like open_nsfw's.
+    """
     import tensorflow as tf
 
     forward = OnnxGraph(source).build()
+
+    def classify(outputs: dict[str, Any]) -> Any:
+        return outputs[SIGNATURE_OUTPUT] if head is None else dense_head(tf, outputs[POOLED], head)
+
     signature = [tf.TensorSpec([None, input_size, input_size, 3], tf.float32, name=SIGNATURE_INPUT)]
 
     class OpenNsfw(tf.Module):
         @tf.function(input_signature=signature)
         def serve(self, images):
-            return {SIGNATURE_OUTPUT: forward({INPUT_NAME: _Tensor(images)})[SIGNATURE_OUTPUT]}
+            return {SIGNATURE_OUTPUT: classify(forward({INPUT_NAME: _Tensor(images)}))}
 
         @tf.function(input_signature=signature)
         def features(self, images):
-            return forward({INPUT_NAME: _Tensor(images)})
+            outputs = forward({INPUT_NAME: _Tensor(images)})
+            return {**outputs, SIGNATURE_OUTPUT: classify(outputs)}
 
         @tf.function(input_signature=[tf.TensorSpec([None, 7, 7, POOLED_DIM], tf.float32, name=LAST_MAPS)])
         def head(self, last_maps):
-            return forward({LAST_MAPS_TENSOR: _Tensor(last_maps, True)})[SIGNATURE_OUTPUT]
+            return classify(forward({LAST_MAPS_TENSOR: _Tensor(last_maps, True)}))
 
     module = OpenNsfw()
     tf.saved_model.save(module, str(target), signatures={"serving_default": module.serve,
