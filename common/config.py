@@ -137,13 +137,20 @@ class PipelineConfig(_Section):
 
 
 class ClassifierConfig(_Section):
-    """Ray Serve settings of the CNN deployment (see FACTS.md on batching)."""
+    """Ray Serve settings of the CNN deployment.
 
+    A request is one caller's batch of images, so ``target_ongoing_requests`` and
+    ``max_ongoing_requests`` count batches; None derives them from the batch size
+    (workers.classifier.classifier_options says how).
+    """
+
+    app_name: str = Field("modstream", min_length=1)  # the Serve application holding the Classifier
     num_replicas: int = Field(1, ge=1)
     autoscaling: bool = False
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(4, ge=1)
-    target_ongoing_requests: float = Field(32.0, gt=0)
+    target_ongoing_requests: float | None = Field(None, gt=0)
+    max_ongoing_requests: int | None = Field(None, ge=1)
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     num_gpus: float = Field(0.0, ge=0)
@@ -151,8 +158,10 @@ class ClassifierConfig(_Section):
 
 
 class ThresholdConfig(_Section):
-    block: float = Field(0.9, ge=0, le=1)
-    review: float = Field(0.5, ge=0, le=1)
+    """Overrides of the bundle's block/review thresholds; None (the default) keeps the bundle's."""
+
+    block: float | None = Field(None, ge=0, le=1)
+    review: float | None = Field(None, ge=0, le=1)
 
 
 class Settings(_Section):

