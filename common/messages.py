@@ -39,7 +39,7 @@ Label = Literal["normal", "adult"]
 Action = Literal["allow", "review", "block"]
 VerdictSource = Literal["exact_duplicate", "near_duplicate", "review_cache", "model"]
 DeadLetterReason = Literal[
-    "invalid_event", "fetch_failed", "too_large", "decode_failed", "unsupported_format"
+    "invalid_event", "fetch_failed", "too_large", "decode_failed", "unsupported_format", "processing_failed"
 ]
 OriginalEncoding = Literal["json", "base64", "absent"]
 

@@ -1,0 +1,255 @@
+"""Reviews against uploads: a review already in the topic applies to every copy scored after it,
+the review consumer commits only what it applied, and verdicts read back in time order."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+from kafka import KafkaProducer, TopicPartition
+
+from common.dedupstate import REVIEW_ACTIONS
+from common.kafkaio import ensure_topics, make_consumer
+from common.logend import log_end
+from common.messages import Hashes, ReviewDecision, Signals, Verdict
+from deploy.cli import main
+from deploy.clients import TimedVerdict, parse_since, publish_events, publish_review, time_ordered, upload_event_for
+from tests.conftest import wait_for
+from workers.review import ReviewProgress
+
+SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
+
+
+# -- the review consumer's bookkeeping (pure logic) -------------------------------------------------
+
+def test_only_applied_positions_are_committed() -> None:
+    progress = ReviewProgress()
+    assert progress.start(0, committed=5) == 5
+    progress.fetched(0, [(5, 100), (6, 101), (7, 102)], position=8, highwater=8)
+    assert progress.to_commit() == {}  # fetched is not applied
+    progress.applied(0, 5)
+    assert progress.to_commit() == {0: 6}
+    progress.committed({0: 6})
+    assert progress.to_commit() == {}
+    # Stopping now leaves 6 and 7 unapplied: nothing more to commit, whatever the consumer's position.
+    progress.applied(0, 6)
+    progress.applied(0, 7)
+    assert progress.to_commit() == {0: 8}
+
+
+def test_a_new_consumer_resumes_where_the_last_one_stopped_applying() -> None:
+    progress = ReviewProgress()
+    progress.start(0, committed=0)
+    progress.fetched(0, [(0, 1), (1, 2)], position=2, highwater=2)
+    progress.applied(0, 0)
+    # The broker failed before the commit: the reconnected consumer starts after what was applied,
+    # not at the older commit, and still owes that commit.
+    assert progress.start(0, committed=0) == 1
+    assert progress.to_commit() == {0: 1}
+
+
+def test_positions_skipped_without_records_count_as_applied() -> None:
+    progress = ReviewProgress()
+    progress.start(0, committed=3)
+    progress.fetched(0, [], position=5, highwater=5)  # e.g. transaction markers at 3 and 4
+    assert progress.to_commit() == {0: 5}
+    assert progress.caught_up({0: 5}, until_ms=10**13)
+
+
+def test_caught_up_trusts_the_fetched_high_watermark_over_a_low_listed_end() -> None:
+    """The embedded broker lists the end of a partition whose last batch holds offsets 7-9 as 8."""
+    progress = ReviewProgress()
+    progress.start(0, committed=7)
+    progress.fetched(0, [(7, 100), (8, 100), (9, 100)], position=10, highwater=10)
+    progress.applied(0, 7)
+    assert log_end(8, 10) == 10
+    assert not progress.caught_up({0: 8}, until_ms=100)
+    progress.applied(0, 8)
+    assert not progress.caught_up({0: 8}, until_ms=100)
+    progress.applied(0, 9)
+    assert progress.caught_up({0: 8}, until_ms=100)
+
+
+def test_caught_up_needs_records_fetched_before_it_can_judge_their_time() -> None:
+    progress = ReviewProgress()
+    assert not progress.caught_up({0: 0}, until_ms=0)  # partition not started: backlog unknown
+    progress.start(0, committed=0)
+    progress.start(1, committed=0)
+    assert progress.caught_up({0: 0, 1: 0}, until_ms=0)  # both empty
+    assert not progress.caught_up({0: 2, 1: 0}, until_ms=0)  # two records not fetched yet
+    progress.fetched(0, [(0, 500), (1, 300)], position=2, highwater=2)
+    progress.fetched(1, [], position=0, highwater=0)
+    assert progress.caught_up({0: 2, 1: 0}, until_ms=299)  # both waiting records are newer
+    assert not progress.caught_up({0: 2, 1: 0}, until_ms=300)  # out of order: the second is not newer
+    progress.applied(0, 0)
+    progress.applied(0, 1)
+    assert progress.caught_up({0: 2, 1: 0}, until_ms=10**13)
+
+
+# -- verdict order (pure logic) ---------------------------------------------------------------------
+
+def _verdict(image_id: str, event_id: str) -> Verdict:
+    return Verdict(event_id=event_id, image_id=image_id, action="allow", label="normal", score=0.1,
+                   source="model", signals=Signals(knn=0.1, cnn=0.1), hashes=Hashes(md5="0" * 32, phash="0" * 16),
+                   model_version="test", latency_ms=1.0)
+
+
+def test_verdicts_sort_by_timestamp_across_partitions_then_partition_and_offset() -> None:
+    records = [TimedVerdict(300, 0, 0, _verdict("a", "1")), TimedVerdict(100, 1, 0, _verdict("b", "2")),
+               TimedVerdict(200, 0, 1, _verdict("c", "3")), TimedVerdict(100, 0, 2, _verdict("d", "4"))]
+    assert [t.verdict.image_id for t in time_ordered(records)] == ["d", "b", "c", "a"]
+
+
+def test_since_takes_durations_and_date_times() -> None:
+    now = 1_800_000_000_000
+    assert parse_since("90s", now) == now - 90_000
+    assert parse_since("15m", now) == now - 900_000
+    assert parse_since("2h", now) == now - 7_200_000
+    assert parse_since("1d", now) == now - 86_400_000
+    assert parse_since("2026-11-23T10:00:00Z") == parse_since("2026-11-23T11:00:00+01:00")
+    assert parse_since("2026-11-23T10:00:00") == parse_since("2026-11-23T10:00:00Z")  # UTC when no offset
+    for bad in ("yesterday", "-5m", "15 minutes", ""):
+        with pytest.raises(ValueError):
+            parse_since(bad, now)
+
+
+# -- through the real broker ------------------------------------------------------------------------
+
+def config_file(settings, folder: Path) -> str:
+    path = folder / "modstream.yaml"
+    path.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+    return str(path)
+
+
+@pytest.mark.integration
+def test_verdicts_print_in_time_order_with_since_and_image_filters(make_settings, tmp_path, capsys) -> None:
+    settings = make_settings()
+    ensure_topics(settings)
+    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap, acks="all")
+    base = 1_900_000_000_000  # written out of time order, newest first on partition 0
+    sends = [(0, base + 3000, "late"), (1, base + 1000, "first"), (0, base + 4000, "last"),
+             (1, base + 2000, "second"), (0, base, "before-since")]
+    for partition, timestamp, image_id in sends:
+        producer.send(settings.topics.verdicts, value=_verdict(image_id, f"e-{image_id}").model_dump_json(
+            by_alias=True).encode(), partition=partition, timestamp_ms=timestamp)
+    producer.send(settings.topics.verdicts, value=b"{not a verdict", partition=1, timestamp_ms=base + 1500)
+    producer.flush()
+    producer.close()
+    config = config_file(settings, tmp_path)
+
+    assert main(["verdicts", "--json", "--config", config, "--since", "2030-03-17T17:46:40.500Z"]) == 0
+    out, err = capsys.readouterr()
+    assert base + 500 == parse_since("2030-03-17T17:46:40.500Z")
+    assert [json.loads(line)["image_id"] for line in out.splitlines()] == ["first", "second", "late", "last"]
+    assert "skipping malformed verdict" in err
+
+    assert main(["verdicts", "--json", "--config", config, "--image", "second"]) == 0
+    assert [json.loads(line)["event_id"] for line in capsys.readouterr().out.splitlines()] == ["e-second"]
+
+    assert main(["verdicts", "--config", config]) == 0  # the table: newest last
+    assert capsys.readouterr().out.splitlines()[-1].startswith("last ")
+
+
+@pytest.mark.integration
+def test_review_command_fails_without_an_acknowledgement(capsys) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert main(["review", "img-1", "adult", "--bootstrap", f"127.0.0.1:{port}", "--timeout", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "img-1 was not sent" in err and "published" not in err
+
+
+@pytest.mark.integration
+def test_review_command_says_published_once_acknowledged(make_settings, tmp_path, capsys) -> None:
+    settings = make_settings()
+    ensure_topics(settings)
+    assert main(["review", "img-2", "normal", "--config", config_file(settings, tmp_path)]) == 0
+    assert "img-2 -> normal published" in capsys.readouterr().err
+    consumer = make_consumer(settings, [settings.topics.reviews], group_id="check")
+    records = wait_for(lambda: [r for batch in consumer.poll(timeout_ms=200).values() for r in batch],
+                       timeout_s=30, message="the review on the topic")
+    consumer.close()
+    assert [json.loads(r.value)["image_id"] for r in records] == ["img-2"]
+
+
+# -- through the real pipeline ----------------------------------------------------------------------
+
+def _score_original_then_stop(start_pipeline, settings, image: Path) -> Verdict:
+    pipeline, outputs = start_pipeline(settings)
+    publish_events(settings, [upload_event_for(image, inline=True)])
+    outputs.wait(1)
+    verdict = outputs.by_image()[image.stem]
+    pipeline.stop()
+    return verdict
+
+
+def _resized(path: Path, folder: Path, factor: float = 0.6) -> Path:
+    from PIL import Image
+
+    image = Image.open(path)
+    target = folder / f"{path.stem}-resized.jpg"
+    image.resize((int(image.width * factor), int(image.height * factor)), Image.Resampling.LANCZOS).save(
+        target, quality=90)
+    return target
+
+
+def _publish_raw(settings, topic: str, value: bytes) -> None:
+    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap, acks="all")
+    producer.send(topic, value=value, key=b"junk").get(timeout=30)
+    producer.close()
+
+
+def _committed_reviews(settings) -> int:
+    consumer = make_consumer(settings, topics=None, group_id=f"{settings.kafka.group_id}-reviews")
+    try:
+        return sum(consumer.committed(TopicPartition(settings.topics.reviews, p)) or 0
+                   for p in range(settings.topics.partitions))
+    finally:
+        consumer.close()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("burst", [0, 1500], ids=["plain", "review-consumer-slowed-by-a-burst"])
+def test_a_review_published_before_its_copy_applies_to_it_on_start(start_pipeline, make_settings, tmp_path,
+                                                                   burst: int) -> None:
+    """The scenario of the report: scored once, then a review and a resized copy arrive while the
+    pipeline is down. With ``burst``, the review sits behind that many other reviews, so the review
+    consumer needs seconds (longer than ingest needs to join its group) to reach it."""
+    settings = make_settings()
+    original = SAMPLES / "beach-01.jpg"
+    model = _score_original_then_stop(start_pipeline, settings, original)
+    label = "normal" if model.label == "adult" else "adult"
+
+    if burst:
+        _publish_reviews(settings, [ReviewDecision(image_id=f"other-{i}", label="adult", reviewer="bulk")
+                                    for i in range(burst)])
+    publish_review(settings, ReviewDecision(image_id=original.stem, label=label, reviewer="test"))
+    _publish_raw(settings, settings.topics.reviews, b'{"schema": 1, "image_id": "x"}')  # no label: malformed
+    copy = upload_event_for(_resized(original, tmp_path), inline=True, image_id="beach-01-copy")
+    publish_events(settings, [copy])
+
+    pipeline, outputs = start_pipeline(settings)
+    outputs.wait(2, dead_letters=1)
+    verdict = outputs.by_image()["beach-01-copy"]
+    assert (verdict.action, verdict.label, verdict.source, verdict.matched_image_id) == \
+        (REVIEW_ACTIONS[label][0], label, "review_cache", original.stem)
+    [dead] = outputs.dead_letters
+    assert (dead.reason, dead.original) == ("invalid_event", {"schema": 1, "image_id": "x"})
+    assert dead.event_id.startswith(f"{settings.topics.reviews}-")
+    wait_for(lambda: _committed_reviews(settings) == burst + 2, message="every review record committed")
+    assert pipeline.stats()["reviews_applied"] == burst + 1
+
+
+def _publish_reviews(settings, decisions: list[ReviewDecision]) -> None:
+    """Many decisions in large batches, as a bulk review tool would send them."""
+    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap, acks="all", linger_ms=20)
+    futures = [producer.send(settings.topics.reviews, key=d.image_id.encode(), value=d.model_dump_json(
+        by_alias=True).encode()) for d in decisions]
+    producer.flush()
+    for future in futures:
+        future.get(timeout=30)
+    producer.close()
