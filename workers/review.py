@@ -377,9 +377,10 @@ def read_partitions(consumer: Any, topic: str, timeout_s: float = 30.0) -> list[
 class ReviewFeedback:
     """Consumes the review topic and applies each decision in order (see ReviewFeed)."""
 
-    def __init__(self, settings: Settings, shards: list[Any], knn_replicas: list[Any]) -> None:
+    def __init__(self, settings: Settings, shards: list[Any], knn_replicas: list[Any],
+                 make_applier: Callable[[Settings, list[Any], list[Any]], Any] = ReviewApplier) -> None:
         logging.basicConfig(level=logging.INFO)
-        self.feed = ReviewFeed(settings, ReviewApplier(settings, shards, knn_replicas), on_death=_exit_loudly)
+        self.feed = ReviewFeed(settings, make_applier(settings, shards, knn_replicas), on_death=_exit_loudly)
         self.feed.start()
 
     def caught_up(self, until_ms: int) -> bool:
