@@ -273,6 +273,10 @@ class Verdict(_Message):
     hashes: Hashes
     model_version: NonEmptyStr = Field(description="Id of the model bundle that produced the verdict.")
     latency_ms: Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+    supersedes: NonEmptyStr | None = Field(
+        None, description="The event_id whose earlier verdict this one corrects (re-issued after a review); "
+                          "null for a first verdict."
+    )
     ts: Timestamp
 
     @model_validator(mode="after")

@@ -20,6 +20,7 @@ from common.messages import Hashes, ReviewDecision, Signals, Verdict
 from deploy.cli import main
 from deploy.clients import TimedVerdict, parse_since, publish_events, publish_review, time_ordered, upload_event_for
 from tests.conftest import wait_for
+from workers.reissue import RecentVerdicts, reissue_event_id
 from workers.review import ReviewApplier, ReviewFeedback, ReviewProgress
 
 SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
@@ -265,3 +266,49 @@ def test_a_review_published_before_its_copy_applies_to_it_on_start(start_pipelin
     assert dead.event_id.startswith(f"{settings.topics.reviews}-")
     wait_for(lambda: _committed_reviews(settings) == len(others) + 2, message="every review record committed")
     assert pipeline.stats()["reviews_applied"] == len(others) + 1
+
+
+# -- re-issue (pure logic) --------------------------------------------------------------------------
+
+def _scored(image_id: str, event_id: str, label: str = "normal", matched: str | None = None,
+            md5: str = "0" * 32) -> Verdict:
+    action = "allow" if label == "normal" else "block"
+    source = "near_duplicate" if matched else "model"
+    return Verdict(event_id=event_id, image_id=image_id, action=action, label=label, score=0.2, source=source,
+                   matched_image_id=matched, signals=Signals(), hashes=Hashes(md5=md5, phash="0" * 16),
+                   model_version="test", latency_ms=5.0)
+
+
+def test_a_review_corrects_the_recent_copies_that_disagree_once_per_review_record() -> None:
+    recent = RecentVerdicts(keep_ms=1000)
+    recent.add(_scored("img", "e1"), 500)
+    recent.add(_scored("img-copy", "e2", matched="img"), 600)
+    recent.add(_scored("same-bytes", "e3", md5="a" * 32), 700)
+    recent.add(_scored("img-old", "e4", matched="img"), 100)  # before the window
+    recent.add(_scored("other", "e5"), 650)
+    recent.add(_scored("img-agrees", "e6", label="adult", matched="img"), 650)
+    review = ReviewDecision(image_id="img", label="adult", reviewer="r")
+
+    fixes = recent.corrections(review, "a" * 32, "rev-0@7", since_ms=400, now_ms=900)
+    assert sorted(v.supersedes for v in fixes) == ["e1", "e2", "e3"]
+    assert {(v.action, v.label, v.source, v.matched_image_id) for v in fixes} == \
+        {("block", "adult", "review_cache", "img")}
+    assert {v.event_id for v in fixes} == {reissue_event_id(e, "rev-0@7") for e in ("e1", "e2", "e3")}
+    assert fixes[0].hashes == recent.events[fixes[0].supersedes].first.hashes
+
+    for fix in fixes:  # read back from the topic (after a restart, too): nothing left to re-issue
+        recent.add(fix, 950)
+    assert recent.corrections(review, "a" * 32, "rev-0@7", since_ms=400, now_ms=960) == []
+    # A later review the other way corrects the corrections, with new ids.
+    back = recent.corrections(ReviewDecision(image_id="img", label="normal", reviewer="r"), None, "rev-1@2",
+                              since_ms=400, now_ms=970)
+    assert sorted(v.supersedes for v in back) == ["e1", "e2", "e6"]  # e3 matched by MD5 only in the first
+    assert {v.event_id for v in back}.isdisjoint(v.event_id for v in fixes)
+
+
+def test_recent_verdicts_forget_what_left_the_window() -> None:
+    recent = RecentVerdicts(keep_ms=100)
+    recent.add(_scored("a", "e1"), 1000)
+    recent.add(_scored("b", "e2"), 1200)
+    recent.prune(now_ms=1250)
+    assert list(recent.events) == ["e2"]

@@ -37,6 +37,7 @@ from common.messages import (
     to_json_bytes,
 )
 from workers.knn import references_topic
+from workers.reissue import Reissuer
 
 log = logging.getLogger(__name__)
 UNKNOWN_PHASH = "0" * 16
@@ -182,7 +183,7 @@ class ReviewFeed:
     """
 
     def __init__(self, settings: Settings, applier: Any, on_death: Callable[[], None] = lambda: None,
-                 after_apply: Callable[[ReviewDecision, Any], None] | None = None) -> None:
+                 after_apply: Callable[[ReviewDecision, Any, dict[str, Any]], int] | None = None) -> None:
         self.settings = settings
         self.applier = applier
         self.on_death = on_death
@@ -324,7 +325,7 @@ class ReviewFeed:
             try:
                 outcome = self.applier.apply(decision)
                 if self.after_apply is not None:
-                    self.after_apply(decision, record)
+                    self.counts["reissued"] += self.after_apply(decision, record, outcome)
             except TRANSIENT:  # a shard restarting, the broker away: it comes back
                 log.warning("applying the review of %s failed; retrying", decision.image_id, exc_info=True)
                 self.stopping.wait(1.0)
@@ -380,7 +381,10 @@ class ReviewFeedback:
     def __init__(self, settings: Settings, shards: list[Any], knn_replicas: list[Any],
                  make_applier: Callable[[Settings, list[Any], list[Any]], Any] = ReviewApplier) -> None:
         logging.basicConfig(level=logging.INFO)
-        self.feed = ReviewFeed(settings, make_applier(settings, shards, knn_replicas), on_death=_exit_loudly)
+        window_s = settings.pipeline.reissue_window_s
+        self.reissuer = Reissuer(settings, window_s) if window_s > 0 else None
+        self.feed = ReviewFeed(settings, make_applier(settings, shards, knn_replicas), on_death=_exit_loudly,
+                               after_apply=self.reissuer.after_review if self.reissuer else None)
         self.feed.start()
 
     def caught_up(self, until_ms: int) -> bool:
@@ -394,7 +398,10 @@ class ReviewFeedback:
         return self.feed.stats()
 
     def stop(self) -> dict[str, int]:
-        return self.feed.stop()
+        stats = self.feed.stop()
+        if self.reissuer is not None:
+            self.reissuer.close()
+        return stats
 
 
 def _exit_loudly() -> None:
