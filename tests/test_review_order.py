@@ -18,7 +18,15 @@ from common.kafkaio import ensure_topics, make_consumer
 from common.logend import log_end
 from common.messages import Hashes, ReviewDecision, Signals, Verdict
 from deploy.cli import main
-from deploy.clients import TimedVerdict, parse_since, publish_events, publish_review, time_ordered, upload_event_for
+from deploy.clients import (
+    TimedVerdict,
+    parse_since,
+    publish_events,
+    publish_review,
+    read_verdicts,
+    time_ordered,
+    upload_event_for,
+)
 from tests.conftest import wait_for
 from workers.reissue import RecentVerdicts, reissue_event_id
 from workers.review import ReviewApplier, ReviewFeedback, ReviewProgress
@@ -312,3 +320,54 @@ def test_recent_verdicts_forget_what_left_the_window() -> None:
     recent.add(_scored("b", "e2"), 1200)
     recent.prune(now_ms=1250)
     assert list(recent.events) == ["e2"]
+
+
+# -- re-issue through the real pipeline -------------------------------------------------------------
+
+def _rewind_reviews(settings) -> None:
+    """Set the review group back to the start, as if the last run died before committing."""
+    from kafka.structs import OffsetAndMetadata
+
+    consumer = make_consumer(settings, topics=None, group_id=f"{settings.kafka.group_id}-reviews")
+    try:
+        partitions = [TopicPartition(settings.topics.reviews, p) for p in range(settings.topics.partitions)]
+        consumer.assign(partitions)
+        consumer.commit({tp: OffsetAndMetadata(0, "", -1) for tp in partitions})
+    finally:
+        consumer.close(autocommit=False)
+
+
+@pytest.mark.integration
+def test_a_late_review_reissues_superseding_verdicts_exactly_once_across_a_restart(start_pipeline, make_settings,
+                                                                                  tmp_path) -> None:
+    settings = make_settings(pipeline={"reissue_window_s": 600})
+    original = SAMPLES / "beach-01.jpg"
+    pipeline, outputs = start_pipeline(settings)
+    publish_events(settings, [upload_event_for(original, inline=True)])
+    outputs.wait(1)
+    publish_events(settings, [upload_event_for(_resized(original, tmp_path), inline=True, image_id="beach-01-copy")])
+    outputs.wait(2)
+    scored = outputs.by_image()
+    assert scored["beach-01-copy"].matched_image_id == original.stem
+    label = "normal" if scored[original.stem].label == "adult" else "adult"
+
+    publish_review(settings, ReviewDecision(image_id=original.stem, label=label, reviewer="test"))
+    wait_for(lambda: pipeline.stats()["reviews_reissued"] >= 2, message="two verdicts re-issued")
+    pipeline.stop()
+    _rewind_reviews(settings)
+
+    restarted, outputs = start_pipeline(settings)
+    wait_for(lambda: restarted.stats()["reviews_applied"] >= 1, message="the review applied again")
+    assert restarted.stats()["reviews_reissued"] == 0
+    publish_events(settings, [upload_event_for(original, inline=True, image_id="beach-01-again")])
+    outputs.wait(5)  # two first verdicts, two re-issued, one for the new copy
+
+    verdicts = list(read_verdicts(settings, follow=False))
+    superseding = [v for v in verdicts if v.supersedes is not None]
+    assert sorted(v.supersedes for v in superseding) == sorted(v.event_id for v in scored.values())
+    action = REVIEW_ACTIONS[label][0]
+    assert {(v.action, v.label, v.source, v.matched_image_id) for v in superseding} == \
+        {(action, label, "review_cache", original.stem)}
+    assert {v.image_id: v.hashes for v in superseding} == {v.image_id: v.hashes for v in scored.values()}
+    again = next(v for v in verdicts if v.image_id == "beach-01-again")
+    assert (again.action, again.source, again.supersedes) == (action, "review_cache", None)
