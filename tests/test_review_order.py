@@ -302,7 +302,7 @@ def test_a_review_corrects_the_recent_copies_that_disagree_once_per_review_recor
     assert {(v.action, v.label, v.source, v.matched_image_id) for v in fixes} == \
         {("block", "adult", "review_cache", "img")}
     assert {v.event_id for v in fixes} == {reissue_event_id(e, "rev-0@7") for e in ("e1", "e2", "e3")}
-    assert fixes[0].hashes == recent.events[fixes[0].supersedes].first.hashes
+    assert fixes[0].hashes == recent.first(fixes[0].supersedes).hashes
 
     for fix in fixes:  # read back from the topic (after a restart, too): nothing left to re-issue
         recent.add(fix, 950)

@@ -42,13 +42,17 @@ def reissue_event_id(corrected_event_id: str, review_key: str) -> str:
     return str(uuid.uuid5(REISSUE_NAMESPACE, f"{corrected_event_id}\n{review_key}"))
 
 
-@dataclass
+@dataclass(slots=True)
 class Scored:
-    """An upload event's first verdict and the verdict that currently stands for it."""
+    """An upload event's first verdict, kept as read (parsed again only to correct it), and the
+    action and label that currently stand for it."""
 
-    first: Verdict
+    raw: bytes
     first_ms: int  # Kafka timestamp of the first verdict
-    current: Verdict
+    image_id: str
+    matched_image_id: str | None
+    md5: str
+    current: tuple[str, str]
 
 
 class RecentVerdicts:
@@ -59,21 +63,26 @@ class RecentVerdicts:
         self.events: dict[str, Scored] = {}
         self.reissued: dict[str, int] = {}  # re-issued event_id -> Kafka timestamp
 
-    def add(self, verdict: Verdict, timestamp_ms: int) -> None:
-        """A verdict read from the topic, in topic order."""
+    def add(self, verdict: Verdict, timestamp_ms: int, raw: bytes | None = None) -> None:
+        """A verdict read from the topic (``raw``: its record value), in topic order."""
         if verdict.supersedes is None:
             if verdict.event_id not in self.events:  # a replay repeats the same verdict
-                self.events[verdict.event_id] = Scored(verdict, timestamp_ms, verdict)
+                self.events[verdict.event_id] = Scored(
+                    raw if raw is not None else to_json_bytes(verdict), timestamp_ms, verdict.image_id,
+                    verdict.matched_image_id, verdict.hashes.md5, (verdict.action, verdict.label))
             return
         self.reissued[verdict.event_id] = timestamp_ms
         scored = self.events.get(verdict.supersedes)
         if scored is not None:
-            scored.current = verdict
+            scored.current = (verdict.action, verdict.label)
 
     def prune(self, now_ms: int) -> None:
         oldest = now_ms - self.keep_ms
         self.events = {key: s for key, s in self.events.items() if s.first_ms >= oldest}
         self.reissued = {key: ts for key, ts in self.reissued.items() if ts >= oldest}
+
+    def first(self, event_id: str) -> Verdict:
+        return parse_verdict(self.events[event_id].raw)
 
     def corrections(self, decision: ReviewDecision, md5: str | None, review_key: str, since_ms: int,
                     now_ms: int) -> list[Verdict]:
@@ -86,16 +95,16 @@ class RecentVerdicts:
         action, score = REVIEW_ACTIONS[decision.label]
         found = []
         for event_id, scored in self.events.items():
-            first = scored.first
             if scored.first_ms < since_ms or not (
-                    first.image_id == decision.image_id or first.matched_image_id == decision.image_id
-                    or (md5 is not None and first.hashes.md5 == md5)):
+                    scored.image_id == decision.image_id or scored.matched_image_id == decision.image_id
+                    or (md5 is not None and scored.md5 == md5)):
                 continue
-            if (scored.current.action, scored.current.label) == (action, decision.label):
+            if scored.current == (action, decision.label):
                 continue
             new_id = reissue_event_id(event_id, review_key)
             if new_id in self.reissued:
                 continue
+            first = self.first(event_id)
             found.append(Verdict.model_validate({
                 **first.model_dump(by_alias=True),
                 "event_id": new_id, "action": action, "label": decision.label, "score": score,
@@ -169,7 +178,7 @@ class Reissuer:
             for records in self.consumer.poll(timeout_ms=200).values():
                 for record in records:
                     try:
-                        self.recent.add(parse_verdict(record.value or b""), record.timestamp)
+                        self.recent.add(parse_verdict(record.value or b""), record.timestamp, record.value)
                     except MessageError:
                         continue  # not ours to judge: the verdict reader reports it
         self.recent.prune(now_ms)
