@@ -371,3 +371,80 @@ def test_a_late_review_reissues_superseding_verdicts_exactly_once_across_a_resta
     assert {v.image_id: v.hashes for v in superseding} == {v.image_id: v.hashes for v in scored.values()}
     again = next(v for v in verdicts if v.image_id == "beach-01-again")
     assert (again.action, again.source, again.supersedes) == (action, "review_cache", None)
+
+
+# -- failures while applying, through the real broker (faults injected into the applier) -------------
+
+class FlakyApplier:
+    """Raises the given failures for image ids that have them, in order, then applies (records the id)."""
+
+    def __init__(self, failures: dict[str, list[BaseException]]) -> None:
+        self.failures = failures
+        self.applied: list[str] = []
+
+    def apply(self, decision: ReviewDecision) -> dict:
+        pending = self.failures.get(decision.image_id)
+        if pending:
+            raise pending.pop(0)
+        self.applied.append(decision.image_id)
+        return {"image_id": decision.image_id}
+
+
+def _dead_letters(settings, count: int) -> list:
+    from common.messages import parse_dead_letter
+
+    consumer = make_consumer(settings, topics=None, group_id=None)
+    try:
+        from common.kafkaio import read_from_beginning
+
+        read_from_beginning(consumer, [settings.topics.dlq])
+        found: list = []
+        wait_for(lambda: found.extend(parse_dead_letter(r.value) for batch in consumer.poll(timeout_ms=200).values()
+                                      for r in batch) or len(found) >= count, timeout_s=60,
+                 message=f"{count} dead letters")
+        return found
+    finally:
+        consumer.close()
+
+
+@pytest.mark.integration
+def test_broker_errors_are_retried_and_a_decision_that_keeps_failing_is_dead_lettered(make_settings) -> None:
+    from kafka.errors import KafkaTimeoutError
+
+    from workers.review import APPLY_ATTEMPTS, ReviewFeed
+
+    settings = make_settings(topics={"partitions": 1})
+    ensure_topics(settings)
+    for image_id in ("flaky", "broken", "fine"):
+        publish_review(settings, ReviewDecision(image_id=image_id, label="adult", reviewer="test"))
+    applier = FlakyApplier({"flaky": [KafkaTimeoutError("broker away")] * (APPLY_ATTEMPTS + 2),
+                            "broken": [ValueError("no such shard")] * (APPLY_ATTEMPTS + 2)})
+    feed = ReviewFeed(settings, applier).start()
+    try:
+        wait_for(lambda: feed.caught_up(10**13), timeout_s=120, message="every review handled")
+        assert applier.applied == ["flaky", "fine"]  # transient failures retried beyond the attempts
+        assert feed.stats()["reviews_dead_lettered"] == 1
+    finally:
+        feed.stop()
+    [dead] = _dead_letters(settings, 1)
+    assert (dead.reason, dead.original["image_id"]) == ("processing_failed", "broken")
+    assert dead.detail == "ValueError: no such shard"
+    assert _committed_reviews(settings) == 3
+
+
+@pytest.mark.integration
+def test_a_dead_consumer_thread_is_reported_and_commits_nothing_unapplied(make_settings) -> None:
+    from workers.review import ReviewFeed
+
+    settings = make_settings(topics={"partitions": 1})
+    ensure_topics(settings)
+    for image_id in ("first", "fatal", "never"):
+        publish_review(settings, ReviewDecision(image_id=image_id, label="normal", reviewer="test"))
+    deaths: list[str] = []
+    applier = FlakyApplier({"fatal": [SystemExit("interpreter going away")]})
+    feed = ReviewFeed(settings, applier, on_death=lambda: deaths.append("dead")).start()
+    feed.thread.join(timeout=60)
+    assert deaths == ["dead"] and not feed.alive()
+    assert applier.applied == ["first"]
+    assert not feed.caught_up(10**13)
+    assert _committed_reviews(settings) == 0  # the commit comes after a poll's records: none was made
