@@ -139,11 +139,12 @@ def summary(verdicts: list[Verdict], dead_letters: list[DeadLetter], events: int
 
 
 def run_demo(settings: Settings, samples: Path = SAMPLES) -> int:
-    from deploy.runner import kafka_for, ray_for
+    from common.raysession import ray_session
+    from deploy.runner import kafka_for
     from workers.pipeline import Pipeline
 
     with tempfile.TemporaryDirectory(prefix="modstream-demo-") as tmp, kafka_for(settings) as settings, \
-            ray_for(settings):
+            ray_session(settings.ray_address, settings.metrics_port):
         workdir = Path(tmp)
         workload = build_workload(samples, workdir)
         print("starting the pipeline (local Ray, Serve classifier, dedup, kNN, review feedback)...",

@@ -95,10 +95,10 @@ class Pipeline:
 
     def stop(self) -> dict[str, Any]:
         """Drain and commit every ingest actor, then take the rest down."""
-        totals = self.stats() if self.ingest else {}
         ray.get([actor.stop.remote() for actor in self.ingest])
         if self.review is not None:
             ray.get(self.review.stop.remote())
+        totals = self.stats() if self.ingest else {}  # after the drain: what was finished and committed
         for actor in [*self.ingest, self.review, *self.knn_replicas, *self.shards]:
             if actor is not None:
                 ray.kill(actor)

@@ -14,8 +14,9 @@ import numpy as np
 from common.bundle import resolve_bundle
 from common.cnn import CnnModel
 from common.config import ClassifierConfig, Settings
+from common.raysession import ray_session
 from deploy.bench import sizes
-from deploy.bench.cluster import gpu_names, ray_session
+from deploy.bench.cluster import gpu_names
 from deploy.bench.report import BenchError, Measure, SuiteResult, ratios
 from deploy.bench.timing import timed
 
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace, settings: Settings) -> SuiteResult:
     table = result.table(f"CNN {bundle.cnn.input_size}x{bundle.cnn.input_size} images/s by batch size",
                          ("batch", "in-process img/s", "in-process CPU ms/img", "Serve img/s", "Serve in flight",
                           "Serve / in-process"))
-    with ray_session(settings):
+    with ray_session(settings.ray_address):
         serve.start(proxy_location="Disabled")
         try:
             for batch in batches:

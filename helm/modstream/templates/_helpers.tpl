@@ -208,6 +208,18 @@ spec:
       env:
         - name: MODSTREAM_CONFIG
           value: /etc/modstream/config.yaml
+        {{- if eq .component "ray-head" }}
+        {{- /* The head's own address: the Ray dashboard binds to it (ray.head.dashboardHost). */}}
+        - name: MY_POD_IP
+          valueFrom:
+            fieldRef:
+              fieldPath: status.podIP
+        {{- if eq $v.ray.head.dashboardHost "podIP" }}
+        {{- /* The serve CLI inside the pod (serve status, serve deploy) reads it: the dashboard is not on localhost. */}}
+        - name: RAY_DASHBOARD_ADDRESS
+          value: http://$(MY_POD_IP):{{ get $v.ray.head.rayStartParams "dashboard-port" | default 8265 | int }}
+        {{- end }}
+        {{- end }}
         {{- if $secret }}
         - name: MODSTREAM_KAFKA_SASL_PASSWORD
           valueFrom:
@@ -241,6 +253,26 @@ spec:
         - name: app-metrics
           containerPort: {{ $v.config.metrics_port }}
           protocol: TCP
+      {{- if and (eq .component "ray-head") (eq $v.ray.head.dashboardHost "podIP") }}
+      {{- /* KubeRay's own head probes may ask the dashboard on localhost, where it no longer listens:
+             the same checks, with the dashboard asked on the pod's address. */}}
+      {{- $dashboardPort := get $v.ray.head.rayStartParams "dashboard-port" | default 8265 | int }}
+      {{- $check := printf "wget -T 2 -q -O- http://localhost:52365/api/local_raylet_healthz | grep success && wget -T 2 -q -O- http://${MY_POD_IP}:%d/api/gcs_healthz | grep success" $dashboardPort }}
+      readinessProbe:
+        exec:
+          command: ["bash", "-c", {{ $check | quote }}]
+        initialDelaySeconds: 10
+        timeoutSeconds: 5
+        periodSeconds: 5
+        failureThreshold: 10
+      livenessProbe:
+        exec:
+          command: ["bash", "-c", {{ $check | quote }}]
+        initialDelaySeconds: 30
+        timeoutSeconds: 5
+        periodSeconds: 5
+        failureThreshold: 120
+      {{- end }}
       resources:
         {{- toYaml $resources | nindent 8 }}
       securityContext:
