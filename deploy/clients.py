@@ -137,7 +137,7 @@ def read_verdicts(settings: Settings, follow: bool, idle_s: float = 3.0,
 
 def _seek_to_time(consumer: KafkaConsumer, partitions: list[TopicPartition], since_ms: int) -> None:
     """Start each partition at its first record stamped ``since_ms`` or later (its end if none)."""
-    found = consumer.offsets_for_times({tp: since_ms for tp in partitions})
+    found = consumer.offsets_for_times(dict.fromkeys(partitions, since_ms))
     ends = consumer.end_offsets(partitions)
     for tp in partitions:
         at = found.get(tp)

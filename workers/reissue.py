@@ -12,7 +12,7 @@ Exactly once across restarts without a store of its own: the verdict topic
 is the record of what was re-issued. Before each review the reader catches
 up with the verdict topic (so it sees every earlier re-issue, including
 those of a run that crashed before committing the review), and it starts
-``2 × window`` back, which covers every verdict a review still inside its
+``2 * window`` back, which covers every verdict a review still inside its
 window can touch or has already caused.
 """
 
@@ -158,11 +158,11 @@ class Reissuer:
         return len(corrections)
 
     def _catch_up(self, now_ms: int, timeout_s: float = 60.0) -> None:
-        """Read the verdict topic up to where it ends now (the first time, from 2 × window back)."""
+        """Read the verdict topic up to where it ends now (the first time, from 2 * window back)."""
         if self.consumer is None:
             self.consumer = make_consumer(self.settings, topics=None, group_id=None)
             self.partitions = read_from_beginning(self.consumer, [self.settings.topics.verdicts])
-            start = self.consumer.offsets_for_times({tp: now_ms - 2 * self.window_ms for tp in self.partitions})
+            start = self.consumer.offsets_for_times(dict.fromkeys(self.partitions, now_ms - 2 * self.window_ms))
             for tp in self.partitions:
                 found = start.get(tp)
                 if found is None:

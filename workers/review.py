@@ -330,7 +330,7 @@ class ReviewFeed:
                 log.warning("applying the review of %s failed; retrying", decision.image_id, exc_info=True)
                 self.stopping.wait(1.0)
                 continue
-            except Exception as exc:  # noqa: BLE001 - anything else is retried a few times, then isolated
+            except Exception as exc:  # anything else is retried a few times, then isolated
                 failures += 1
                 log.warning("applying the review of %s failed (%d of %d)", decision.image_id, failures,
                             APPLY_ATTEMPTS, exc_info=True)
