@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from common.errors import ModstreamError
-from common.fetch import LoadLimits
+from common.fetch import EVERYDAY_FORMATS, ImageFormat, LoadLimits
 
 ENV_PREFIX = "MODSTREAM_"
 REDACTED = "**********"  # what pydantic's SecretStr shows, so a redacted log reads like a repr
@@ -87,14 +87,41 @@ class KafkaConfig(_Section):
 
 
 class LimitsConfig(_Section):
+    """What one image may cost to fetch and decode (common.fetch.LoadLimits documents each).
+
+    file_roots is empty by default: file:// URIs are refused until folders are named.
+    formats beyond the everyday JPEG, PNG, WebP and GIF (BMP, TIFF, AVIF) must be asked for.
+    Every decode runs in a worker process held to decode_cpu_s of CPU and
+    decode_memory_mb of memory; decode_workers such processes per modstream process.
+    """
+
     max_bytes: int = Field(20 * 1024 * 1024, ge=1)
     max_pixels: int = Field(40_000_000, ge=1)
     fetch_timeout_s: float = Field(10.0, gt=0)
     allow_hosts: tuple[str, ...] = ()
     allow_networks: tuple[str, ...] = ()
     file_roots: tuple[str, ...] = ()
+    http_ports: tuple[int, ...] = (80, 443)
+    formats: tuple[ImageFormat, ...] = EVERYDAY_FORMATS  # type: ignore[assignment]
+    decode_cpu_s: float = Field(2.0, gt=0)
+    decode_memory_mb: int = Field(384, ge=16)
+    decode_workers: int = Field(2, ge=1)
 
-    _split = field_validator("allow_hosts", "allow_networks", "file_roots", mode="before")(_split_csv)
+    _split = field_validator("allow_hosts", "allow_networks", "file_roots", "http_ports", mode="before")(_split_csv)
+
+    @field_validator("formats", mode="before")
+    @classmethod
+    def _format_names(cls, value: Any) -> Any:
+        """Comma-separated or a list, in any case: "jpeg,png,tiff"."""
+        value = _split_csv(value)
+        return tuple(str(name).upper() for name in value) if isinstance(value, list | tuple) else value
+
+    @field_validator("http_ports")
+    @classmethod
+    def _valid_ports(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or any(not 0 < port < 65536 for port in value):
+            raise ValueError("ports are 1..65535, at least one")
+        return value
 
 
 class PipelineConfig(_Section):
@@ -171,7 +198,10 @@ class Settings(_Section):
         limits = self.limits
         return LoadLimits(max_bytes=limits.max_bytes, max_pixels=limits.max_pixels,
                           fetch_timeout_s=limits.fetch_timeout_s, allow_hosts=frozenset(limits.allow_hosts),
-                          allow_networks=limits.allow_networks, file_roots=limits.file_roots)
+                          allow_networks=limits.allow_networks, file_roots=limits.file_roots,
+                          http_ports=limits.http_ports, formats=limits.formats, decode_cpu_s=limits.decode_cpu_s,
+                          decode_memory_bytes=limits.decode_memory_mb * 1024 * 1024,
+                          decode_workers=limits.decode_workers)
 
     def with_bootstrap(self, bootstrap: str) -> Settings:
         """A copy pointing at ``bootstrap`` (used once the embedded broker is up)."""

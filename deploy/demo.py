@@ -146,6 +146,9 @@ def run_demo(settings: Settings, samples: Path = SAMPLES) -> int:
     with tempfile.TemporaryDirectory(prefix="modstream-demo-") as tmp, kafka_for(settings) as settings, \
             ray_session(settings.ray_address, settings.metrics_port):
         workdir = Path(tmp)
+        # The demo's events point at its samples and at copies in its own temp folder: only those.
+        settings = settings.model_copy(update={"limits": settings.limits.model_copy(
+            update={"file_roots": (*settings.limits.file_roots, str(samples), str(workdir))})})
         workload = build_workload(samples, workdir)
         print("starting the pipeline (local Ray, Serve classifier, dedup, kNN, review feedback)...",
               file=sys.stderr, flush=True)
