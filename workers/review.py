@@ -42,6 +42,7 @@ from workers.reissue import Reissuer
 log = logging.getLogger(__name__)
 UNKNOWN_PHASH = "0" * 16
 POLL_RECORDS = 500
+ENDS_TIMEOUT_MS = 5000  # caught_up answers "no" rather than keep callers waiting on an unreachable broker
 APPLY_ATTEMPTS = 5  # a decision failing this often for a reason other than those below is dead-lettered
 # Failures that pass: a shard or replica restarting (Ray restarts them), the broker away.
 TRANSIENT: tuple[type[BaseException], ...] = (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError,
@@ -102,6 +103,10 @@ class ReviewProgress:
             self.partitions[partition] = PartitionProgress(position, position, known.committed_to if known
                                                            else committed)
             return position
+
+    def started(self) -> list[int]:
+        with self.lock:
+            return sorted(self.partitions)
 
     def fetched(self, partition: int, records: list[tuple[int, int]], position: int,
                 highwater: int | None) -> None:
@@ -226,14 +231,15 @@ class ReviewFeed:
         """True once every record in the review topic with a timestamp at or before ``until_ms``, as
         of this call, is applied. End offsets are asked now, so a review the broker held when the
         call was made is never missed; records that arrive later are not waited for."""
-        partitions = sorted(self.progress.partitions)
+        partitions = self.progress.started()
         if not partitions:
             return False  # the consumer has not started: its backlog is unknown
         try:
             with self._ends_lock:
                 if self._ends_consumer is None:
                     self._ends_consumer = make_consumer(self.settings, topics=None, group_id=None)
-                ends = self._ends_consumer.end_offsets([TopicPartition(self.topic, p) for p in partitions])
+                ends = self._ends_consumer.end_offsets([TopicPartition(self.topic, p) for p in partitions],
+                                                       timeout_ms=ENDS_TIMEOUT_MS)
         except KafkaError:
             log.warning("end offsets of %s unavailable; not caught up", self.topic, exc_info=True)
             return False
