@@ -276,6 +276,28 @@ def test_a_review_published_before_its_copy_applies_to_it_on_start(start_pipelin
     assert pipeline.stats()["reviews_applied"] == len(others) + 1
 
 
+@pytest.mark.integration
+def test_a_review_survives_a_restart_through_the_changelog_not_by_being_applied_again(start_pipeline, make_settings,
+                                                                                      tmp_path) -> None:
+    settings = make_settings()
+    original = SAMPLES / "city-01.jpg"
+    pipeline, outputs = start_pipeline(settings)
+    publish_events(settings, [upload_event_for(original, inline=True)])
+    outputs.wait(1)
+    label = "normal" if outputs.by_image()[original.stem].label == "adult" else "adult"
+    publish_review(settings, ReviewDecision(image_id=original.stem, label=label, reviewer="test"))
+    wait_for(lambda: pipeline.stats()["reviews_applied"] == 1, message="the review applied")
+    pipeline.stop()
+
+    restarted, outputs = start_pipeline(settings)  # returns once the review backlog is applied
+    assert restarted.stats()["reviews_applied"] == 0  # committed: the state came back from the changelog
+    publish_events(settings, [upload_event_for(_resized(original, tmp_path), inline=True, image_id="city-01-copy")])
+    outputs.wait(2)
+    copy = outputs.by_image()["city-01-copy"]
+    assert (copy.action, copy.label, copy.source, copy.matched_image_id) == \
+        (REVIEW_ACTIONS[label][0], label, "review_cache", original.stem)
+
+
 # -- re-issue (pure logic) --------------------------------------------------------------------------
 
 def _scored(image_id: str, event_id: str, label: str = "normal", matched: str | None = None,

@@ -426,7 +426,7 @@ def wait_until_caught_up(review: Any, until_ms: int, timeout_s: float, poll_s: f
             if ray.get(review.caught_up.remote(until_ms), timeout=max(0.1, deadline - time.monotonic())):
                 return True
         except ray.exceptions.RayError:
-            log.warning("review feedback did not answer caught_up", exc_info=True)
+            log.debug("review feedback did not answer caught_up", exc_info=True)  # restarting: ask again
         if time.monotonic() >= deadline:
             return False
         time.sleep(poll_s)
