@@ -135,6 +135,12 @@ class PipelineConfig(_Section):
     knn_ef: int = Field(100, ge=1)
     draft_size: int = Field(256, ge=32)
 
+    # -- reviews against uploads (workers/review.py) --
+    # Start-up scores no upload before the review backlog is applied, waiting at most this long.
+    review_backlog_wait_s: float = Field(120.0, ge=0)
+    # A review re-issues corrected verdicts for copies scored up to this long before it (0: off).
+    reissue_window_s: float = Field(0.0, ge=0)
+
 
 class ClassifierConfig(_Section):
     """Ray Serve settings of the CNN deployment.

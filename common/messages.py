@@ -39,7 +39,7 @@ Label = Literal["normal", "adult"]
 Action = Literal["allow", "review", "block"]
 VerdictSource = Literal["exact_duplicate", "near_duplicate", "review_cache", "model"]
 DeadLetterReason = Literal[
-    "invalid_event", "fetch_failed", "too_large", "decode_failed", "unsupported_format"
+    "invalid_event", "fetch_failed", "too_large", "decode_failed", "unsupported_format", "processing_failed"
 ]
 OriginalEncoding = Literal["json", "base64", "absent"]
 
@@ -277,6 +277,10 @@ class Verdict(_Message):
     hashes: Hashes
     model_version: NonEmptyStr = Field(description="Id of the model bundle that produced the verdict.")
     latency_ms: Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+    supersedes: NonEmptyStr | None = Field(
+        None, description="The event_id whose earlier verdict this one corrects (re-issued after a review); "
+                          "null for a first verdict."
+    )
     ts: Timestamp
 
     @model_validator(mode="after")
