@@ -184,6 +184,19 @@ class _Columns:
         self.count += 1
         return self.count - 1
 
+    def extend(self, count: int) -> slice:
+        """Room for count more rows; returns their slice."""
+        needed = self.count + count
+        capacity = len(next(iter(self.data.values())))
+        if needed > capacity:
+            for name, column in self.data.items():
+                grown = np.zeros((max(needed, 2 * capacity), *column.shape[1:]), dtype=column.dtype)
+                grown[: self.count] = column[: self.count]
+                self.data[name] = grown
+        rows = slice(self.count, needed)
+        self.count = needed
+        return rows
+
     def keep(self, rows: np.ndarray) -> None:
         """Keep only these rows, in this order."""
         for name, column in self.data.items():
@@ -202,22 +215,25 @@ class _Columns:
 
 
 class _Strings:
-    """Short strings in one UTF-8 byte buffer with end offsets (~8 bytes + the text each)."""
+    """Short strings in one UTF-8 byte buffer with int64 end offsets (8 bytes + the text each)."""
 
     def __init__(self, max_bytes: int = 256) -> None:
         self.max_bytes = max_bytes
         self._data = bytearray()
-        self._ends: list[int] = []
-        self._ends_array = np.empty(0, dtype=np.int64)
+        self._ends = np.empty(1024, dtype=np.int64)
+        self._count = 0
 
     def append(self, text: str) -> int:
         self._data += text.encode()[: self.max_bytes]
-        self._ends.append(len(self._data))
-        return len(self._ends) - 1
+        if self._count == len(self._ends):
+            self._ends = np.concatenate([self._ends, np.empty(len(self._ends), dtype=np.int64)])
+        self._ends[self._count] = len(self._data)
+        self._count += 1
+        return self._count - 1
 
     def __getitem__(self, position: int) -> str:
-        start = self._ends[position - 1] if position else 0
-        return self._data[start : self._ends[position]].decode(errors="replace")
+        start = int(self._ends[position - 1]) if position else 0
+        return self._data[start : int(self._ends[position])].decode(errors="replace")
 
     def keep(self, positions: np.ndarray) -> _Strings:
         kept = _Strings(self.max_bytes)
@@ -227,7 +243,7 @@ class _Strings:
 
     @property
     def nbytes(self) -> int:
-        return len(self._data) + 8 * len(self._ends)
+        return len(self._data) + self._ends.nbytes
 
 
 class DedupState:
@@ -327,6 +343,61 @@ class DedupState:
         self._enforce_limits()
         return entry
 
+    def load(self, entries: Sequence[Entry], images: Sequence[ImageRecord]) -> None:
+        """Apply changelog records in order, as remember(keep_reviewed=False) and remember_image
+        would, but with the rows of new keys written in bulk: restoring a million images then
+        costs seconds, not minutes. Records for keys already present take the one-by-one path."""
+        latest_entries = {entry.md5: entry for entry in entries}  # the log's last word per key
+        fresh = [entry for md5, entry in latest_entries.items() if self._entry_row(md5) is None]
+        for md5, entry in latest_entries.items():
+            if self._entry_row(md5) is not None:
+                self.remember(entry, keep_reviewed=False)
+        if fresh:
+            self._load_entries(fresh)
+        latest_images = {image.image_id: image for image in images}
+        for image in latest_images.values():
+            if self._image_keys.get(digest64(image.image_id)) is not None:
+                self.remember_image(image)
+        fresh_images = [image for image in latest_images.values()
+                        if self._image_keys.get(digest64(image.image_id)) is None]
+        if fresh_images:
+            self._load_images(fresh_images)
+        self._enforce_limits(force_age_check=True)
+
+    def _load_entries(self, entries: list[Entry]) -> None:
+        rows = self._entries.extend(len(entries))
+        columns, now = self._entries, self.clock()
+        columns["md5"][rows] = np.frombuffer(bytes.fromhex("".join(e.md5 for e in entries)),
+                                             dtype=np.uint8).reshape(-1, 16)
+        columns["quality"][rows] = [e.pdq_quality for e in entries]
+        columns["action"][rows] = [ACTIONS.index(e.action) if e.action in ACTIONS else 0 for e in entries]
+        columns["label"][rows] = [LABELS.index(e.label) for e in entries]
+        columns["reviewed"][rows] = [e.reviewed for e in entries]
+        columns["score"][rows] = [e.score for e in entries]
+        columns["knn"][rows] = [_nan_if_none(e.signals.get("knn")) for e in entries]
+        columns["cnn"][rows] = [_nan_if_none(e.signals.get("cnn")) for e in entries]
+        columns["event"][rows] = np.array([e.event_key for e in entries], dtype=np.uint64)
+        columns["model"][rows] = [self._model_code(e.model_version) for e in entries]
+        columns["added"][rows] = [e.added_s or now for e in entries]
+        for entry in entries:
+            self._entry_ids.append(entry.image_id)
+        self._near.add_words(_hex_to_words([e.pdq for e in entries]))
+        self._entry_keys.rebuild(_md5_keys(columns["md5"][: columns.count]))
+
+    def _load_images(self, images: list[ImageRecord]) -> None:
+        rows = self._images.extend(len(images))
+        columns = self._images
+        columns["md5"][rows] = np.frombuffer(bytes.fromhex("".join(i.md5 for i in images)),
+                                             dtype=np.uint8).reshape(-1, 16)
+        columns["pdq"][rows] = _hex_to_words([i.pdq for i in images])
+        columns["quality"][rows] = [i.pdq_quality for i in images]
+        columns["histogram"][rows] = np.array([i.histogram for i in images], dtype=np.uint8)
+        columns["added"][rows] = self.clock()
+        first = rows.start
+        for offset, image in enumerate(images):
+            self._image_ids.append(image.image_id)
+            self._image_keys.put(digest64(image.image_id), first + offset)
+
     def _write_entry(self, row: int, entry: Entry) -> None:
         columns = self._entries
         columns["quality"][row] = entry.pdq_quality
@@ -406,14 +477,14 @@ class DedupState:
 
     # -- retention -------------------------------------------------------------------------------
 
-    def _enforce_limits(self) -> None:
+    def _enforce_limits(self, force_age_check: bool = False) -> None:
         now = self.clock()
         for table in ("entries", "images"):
             count = len(self) if table == "entries" else self.image_count()
             over_size = self.max_images is not None and count > self.max_images
             columns = self._entries if table == "entries" else self._images
             over_age = False
-            if self.max_age_s is not None and count and count % _AGE_CHECK_EVERY == 0:
+            if self.max_age_s is not None and count and (force_age_check or count % _AGE_CHECK_EVERY == 0):
                 over_age = now - float(columns["added"][:count].min()) > self.max_age_s
             if over_size or over_age:
                 self._evict(table, now)
@@ -546,6 +617,13 @@ def _md5_key(md5: str) -> int:
 def _md5_keys(md5s: np.ndarray) -> np.ndarray:
     halves = np.ascontiguousarray(md5s).view(">u8").astype(np.uint64)
     return halves[:, 0] ^ halves[:, 1]
+
+
+def _hex_to_words(hexes: list[str]) -> np.ndarray:
+    """64-hex-digit PDQs as an (n, 4) uint64 array, most significant word first."""
+    for text in hexes:
+        pdq_to_int(text)  # validates
+    return np.frombuffer(bytes.fromhex("".join(hexes)), dtype=">u8").reshape(-1, WORDS).astype(np.uint64)
 
 
 def _words_to_hex(words: np.ndarray) -> str:

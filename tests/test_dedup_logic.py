@@ -186,3 +186,24 @@ def test_shards_are_stable_and_spread() -> None:
     assert [shard_of(k, 4) for k in keys] == [shard_of(k, 4) for k in keys]
     counts = np.bincount([shard_of(k, 4) for k in keys], minlength=4)
     assert counts.min() > 200
+
+
+def test_bulk_load_of_changelog_records_equals_applying_them_one_by_one() -> None:
+    rng = np.random.default_rng(5)
+    hashes = [int.from_bytes(rng.bytes(32), "big") for _ in range(40)]
+    entries = [entry(f"{i % 30:032x}", hashes[i % 30], f"img-{i}", event_id=f"e{i}") for i in range(40)]
+    entries[35] = reviewed_entry(entries[35], "adult")  # a later review of key 5 wins
+    images = [ImageRecord(f"img-{i % 25}", f"{i:032x}", pdq_hex_of_int(hashes[i]), 100, [i % 7] * 64)
+              for i in range(40)]
+    one_by_one, bulk = DedupState(max_distance=31), DedupState(max_distance=31)
+    for record in entries:
+        one_by_one.remember(record, keep_reviewed=False)
+    for image in images:
+        one_by_one.remember_image(image)
+    bulk.load(entries[:20], images[:20])
+    bulk.load(entries[20:], images[20:])  # a second chunk updates keys of the first
+    for i in range(30):
+        assert replace(bulk.get(f"{i:032x}"), added_s=0) == replace(one_by_one.get(f"{i:032x}"), added_s=0)
+    for i in range(25):
+        assert bulk.image(f"img-{i}") == one_by_one.image(f"img-{i}")
+    assert bulk.lookup(None, (near(4, hashes[5]),), 100).entry.reviewed

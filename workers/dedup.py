@@ -32,6 +32,8 @@ from common.dedupstate import (
 )
 from common.features import near_matchable
 
+RESTORE_CHUNK = 100_000  # changelog records parsed before they are applied in bulk
+
 
 @dataclass(frozen=True)
 class Query:
@@ -73,16 +75,23 @@ class DedupShard:
         return shard_of(key, self.shards) == self.shard
 
     def _restore(self) -> None:
-        """Rebuild from this shard's changelog partitions before serving (Ray calls wait for __init__)."""
+        """Rebuild from this shard's changelog partitions before serving (Ray calls wait for __init__),
+        in chunks applied in bulk."""
+        entries: list[Entry] = []
+        images: list[ImageRecord] = []
         for key, value in self.changelog.replay(only=owns_partition(self.shard, self.shards)):
             self.restored_records += 1
             kind, _, ident = key.partition(":")
             if kind == "entry" and self._owns(ident):
-                self.state.remember(Entry.from_dict(value), keep_reviewed=False)
+                entries.append(Entry.from_dict(value))
             elif kind == "image" and self._owns(ident):
-                self.state.remember_image(ImageRecord(**value))
+                images.append(ImageRecord(**value))
             elif kind == "imagereview" and self._owns(ident):
                 self.state.review_image_id(ident, value["label"])
+            if len(entries) + len(images) >= RESTORE_CHUNK:
+                self.state.load(entries, images)
+                entries, images = [], []
+        self.state.load(entries, images)
 
     def stats(self) -> dict[str, Any]:
         with self.banks.lock:

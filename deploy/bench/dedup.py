@@ -6,20 +6,23 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 
 import numpy as np
 
 from common.config import Settings
-from common.dedupstate import DedupState, Entry
+from common.dedupstate import DedupState, Entry, ImageRecord
 from common.features import pdq_hex_of_int
 from common.hashindex import HashIndex, distances_to
 from deploy.bench import sizes
 from deploy.bench.phashes import PhotoHashes, random_hashes
 from deploy.bench.report import BenchError, Goal, Measure, SuiteResult, ratios
 from deploy.bench.timing import paired, timed
+from workers.dedup import RESTORE_CHUNK
 
 GOAL_SIZE, GOAL_SPEEDUP = 10_000_000, 100.0
-STATE_IMAGES = 200_000  # verdicts remembered to measure bytes per image
+RESTORE_IMAGES = sizes.Size(1_000_000, 20_000)  # remembered verdicts replayed from changelog records
+RESTORE_SHARDS = (1, 4)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> SuiteResult:
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace, settings: Settings) -> SuiteResult:
             del stored, queries
             gc.collect()
     profile = photos.distance_profile(photos.members(300))
-    state_bytes = _state_bytes_per_image(min(STATE_IMAGES, 10 * max(stored_sizes)), args.seed)
+    _restore_table(result, RESTORE_IMAGES.pick(None, args.quick), args.seed)
     result.notes += [
         "queries: half copies of stored hashes, half hashes of never-seen images; the linear scan is numpy "
         "XOR + bitwise_count over every stored hash (common.hashindex.distances_to)",
@@ -54,7 +57,10 @@ def run(args: argparse.Namespace, settings: Settings) -> SuiteResult:
         "photos corpus (deploy/bench/phashes.py): real PDQs of random crops of scikit-image photographs as scene "
         "centres, members with each bit flipped with probability 1/4; copies moved by real copy distances. "
         "Pairwise distances: " + ", ".join(f"{name} {value:.0f}" for name, value in profile.items()),
-        f"remembered verdict in DedupState: {state_bytes:.0f} bytes per image (arrays, key tables, index, ids)",
+        "restore: a shard rebuilds DedupState from changelog records (JSON, as written by remember_many: one "
+        "per new verdict and one per new image); with its own partitions only, a shard replays 1/shards of them. "
+        "Kafka fetch time is not included. bytes/image: DedupState.nbytes (arrays incl. spare capacity, key "
+        "tables, PDQ index, ids) per remembered verdict + image record",
         f"pipeline.pdq_max_distance here: {pipeline_distance}",
     ]
     return result
@@ -100,14 +106,48 @@ def _compare(stored: np.ndarray, queries: np.ndarray, distance: int, repeats: in
             "unseen matched %": 100.0 * np.mean(matched[copies:])}
 
 
-def _state_bytes_per_image(count: int, seed: int) -> float:
+def _changelog_records(count: int, seed: int) -> list[tuple[str, bytes]]:
+    """What remember_many writes for count new images: an entry record and an image record each."""
     rng = np.random.default_rng(seed)
-    state = DedupState(max_distance=31)
+    records = []
     for i in range(count):
-        state.remember(Entry(md5=f"{i:032x}", pdq=pdq_hex_of_int(int.from_bytes(rng.bytes(32), "big")),
-                             pdq_quality=100, image_id=f"img-{i:010d}", event_key=i, action="allow",
-                             label="normal", score=0.1, signals={"knn": 0.2, "cnn": 0.1}, model_version="b1"))
-    return state.nbytes / count
+        md5, image_id = f"{i:032x}", f"img-{i:010d}"
+        pdq = pdq_hex_of_int(int.from_bytes(rng.bytes(32), "big"))
+        entry = Entry(md5=md5, pdq=pdq, pdq_quality=100, image_id=image_id, event_key=i, action="allow",
+                      label="normal", score=0.1, signals={"knn": 0.2, "cnn": 0.1}, model_version="b1", added_s=1.0)
+        records.append((f"entry:{md5}", json.dumps(entry.to_dict()).encode()))
+        image = ImageRecord(image_id, md5, pdq, 100, [int(v) for v in rng.integers(0, 8, 64)])
+        records.append((f"image:{image_id}", json.dumps(image.to_dict()).encode()))
+    return records
+
+
+def _restore(records: list[tuple[str, bytes]]) -> DedupState:
+    """DedupShard._restore without Kafka: parse every record, apply them in chunks."""
+    state = DedupState(max_distance=31)
+    for start in range(0, len(records), RESTORE_CHUNK):
+        entries, images = [], []
+        for key, raw in records[start : start + RESTORE_CHUNK]:
+            value = json.loads(raw)
+            if key.startswith("entry:"):
+                entries.append(Entry.from_dict(value))
+            else:
+                images.append(ImageRecord(**value))
+        state.load(entries, images)
+    return state
+
+
+def _restore_table(result: SuiteResult, images: int, seed: int) -> None:
+    table = result.table("shard state: memory per image and restore time",
+                         ("images", "shards", "images per shard", "restore s per shard", "bytes/image"))
+    records = _changelog_records(images, seed)
+    for shards in RESTORE_SHARDS:
+        share = records[: 2 * (images // shards)]  # the first shard's share (uniform hashing)
+        seconds, _, state = timed(lambda share=share: _restore(share))
+        table.add(images=f"{images:,}", shards=shards, **{"images per shard": f"{len(state):,}",
+                                                           "restore s per shard": seconds,
+                                                           "bytes/image": state.nbytes / len(state)})
+        del state
+        gc.collect()
 
 
 def _goal(kind: str, size: int, distance: int, pipeline_distance: int, speedup: Measure) -> Goal:
