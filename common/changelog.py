@@ -42,6 +42,7 @@ class Changelog:
         self.settings = settings
         self.topic = topic
         self._producer = None
+        self._partitions: int | None = None
 
     def partition_count(self, timeout_s: float = 30.0) -> int:
         """The topic's partitions, as the broker has them (not the configured default)."""
