@@ -19,7 +19,7 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 
 # Modules that add subcommands of their own through ``register(subparsers, common)``;
 # they keep heavy imports inside their handlers so ``modstream --help`` stays fast.
-EXTENSIONS: tuple[str, ...] = ("deploy.bench.cli", "workers.jobs.cli")
+EXTENSIONS: tuple[str, ...] = ("deploy.bench.cli", "workers.jobs.cli", "deploy.bank_cli")
 
 
 def _env_help(text: str, section: str | None, field: str) -> str:
