@@ -14,8 +14,9 @@ import pytest
 import ray
 from PIL import Image
 
-from common.banks import BankFileError, BankRow, import_rows, read_bank_file, read_banks
+from common.banks import BankFileError, BankRow, apply_bank_record, import_rows, read_bank_file, read_banks
 from common.changelog import Changelog
+from common.dedupstate import BankIndex
 from common.features import extract_features, md5_hex
 from common.messages import ReviewDecision, UploadEvent
 from deploy.cli import main
@@ -81,6 +82,27 @@ def test_cli_refuses_a_malformed_file_before_touching_kafka(tmp_path: Path, caps
     assert main(["bank", "import", str(path), "--bank", "own"]) == 2
     assert "line 2" in capsys.readouterr().err
     assert main(["bank", "import", str(path), "--bank", "bad name"]) == 2
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("no-separators", b'{"label": "adult", "action": "block"}'),
+    ("bank|sha1|abc", b'{"label": "adult", "action": "block"}'),
+    (f"bad name|md5|{MD5}", b'{"label": "adult", "action": "block"}'),
+    (f"list|pdq|{PDQ[:10]}", b'{"label": "adult", "action": "block"}'),
+    (f"list|md5|{MD5}", b"not json"),
+    (f"list|md5|{MD5}", b"\xff\xfe"),
+    (f"list|md5|{MD5}", b"[1, 2]"),
+    (f"list|md5|{MD5}", b'{"label": "adult"}'),
+    (f"list|md5|{MD5}", b'{"label": "weird", "action": "block"}'),
+])
+def test_hostile_bank_records_are_skipped_not_fatal(key: str, value: bytes) -> None:
+    index = BankIndex(max_distance=31)
+    apply_bank_record(index, key, value)
+    assert index.entries == {}
+    apply_bank_record(index, f"list|md5|{MD5}", b'{"label": "adult", "action": "review", "entry_id": "x"}')
+    assert index.lookup(MD5, (), 0)[1].action == "review"
+    apply_bank_record(index, f"list|md5|{MD5}", None)  # a tombstone removes it
+    assert index.lookup(MD5, (), 0) is None
 
 
 # --- through the pipeline -------------------------------------------------------------
