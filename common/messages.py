@@ -39,7 +39,7 @@ Label = Literal["normal", "adult"]
 Action = Literal["allow", "review", "block"]
 VerdictSource = Literal["hash_bank", "exact_duplicate", "near_duplicate", "review_cache", "model"]
 DeadLetterReason = Literal[
-    "invalid_event", "fetch_failed", "too_large", "decode_failed", "unsupported_format"
+    "invalid_event", "fetch_failed", "too_large", "decode_failed", "unsupported_format", "processing_failed"
 ]
 OriginalEncoding = Literal["json", "base64", "absent"]
 
@@ -233,6 +233,10 @@ class Signals(_Record):
     pdq_distance: Annotated[int, Field(ge=0, le=256)] | None = Field(
         None, description="PDQ Hamming distance to the matched image or bank entry (0 for an MD5 match)."
     )
+    thresholds: Literal["bundle", "settings", "default"] | None = Field(
+        None, description="Where the block/review thresholds of a model verdict came from: the bundle named by "
+        "model_version, settings overriding it, or defaults for a bundle that names none.",
+    )
 
 
 class Hashes(_Record):
@@ -296,6 +300,10 @@ class Verdict(_Message):
     hashes: Hashes
     model_version: NonEmptyStr = Field(description="Id of the model bundle that produced the verdict.")
     latency_ms: Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+    supersedes: NonEmptyStr | None = Field(
+        None, description="The event_id whose earlier verdict this one corrects (re-issued after a review); "
+                          "null for a first verdict."
+    )
     ts: Timestamp
 
     @model_validator(mode="after")
