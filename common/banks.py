@@ -128,9 +128,9 @@ def _read_csv(text: str, default_label: str) -> list[BankRow]:
                 continue
             if not 2 <= len(fields) <= 4:
                 raise BankFileError(f"line {number}: expected 2-4 fields ({','.join(CSV_HEADER)}), got {len(fields)}")
-            fields += [""] * (4 - len(fields))
-            rows.append(_row(number, fields[0].strip().lower(), fields[1].strip(), fields[2].strip() or None,
-                             fields[3].strip() or None, default_label))
+            kind, hash_value, label, entry_id = [*fields, "", ""][:4]
+            rows.append(_row(number, kind.strip().lower(), hash_value.strip(), label.strip() or None,
+                             entry_id.strip() or None, default_label))
     except csv.Error as exc:
         raise BankFileError(f"line {reader.line_num}: {exc}") from None
     return rows
