@@ -1,7 +1,7 @@
 """Kafka client factories and topic creation, configured once from Settings.
 
 Written for Apache Kafka and checked against the embedded broker, which
-differs in ways that matter (FACTS.md): group joins take session_timeout / 2,
+differs in ways that matter (README, "The broker"): group joins take session_timeout / 2,
 a waiting fetch does not return early, end offsets can be wrong and
 ``read_committed`` is ignored. So: short session timeouts, short fetch waits,
 manual commits after the verdicts are acknowledged, and no reliance on end
@@ -42,10 +42,12 @@ class KafkaSetupError(ModstreamError):
 
 
 def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
-    """An idempotent producer that waits for all in-sync replicas (acks=all)."""
+    """An idempotent producer that waits for all in-sync replicas (acks=all), compressing as configured."""
+    compression = settings.kafka.compression_type
     config: dict[str, Any] = {
         **settings.kafka_client_kwargs(),
         "acks": "all",
+        "compression_type": None if compression == "none" else compression,
         "enable_idempotence": True,
         "linger_ms": 5,
         "max_request_size": settings.limits.max_bytes * 2,  # inline base64 images are 4/3 larger
@@ -188,8 +190,8 @@ def poll_records(consumer: KafkaConsumer, timeout_ms: int, max_records: int | No
     Policy: skip and report. A batch this client cannot decode will not
     decode on a retry (every codec Kafka defines is installed; a stored
     batch with a bad payload or checksum stays bad), and stopping the
-    partition would halt every upload behind it. So the batch is logged at ERROR with
-    topic, partition and offsets, counted in
+    partition would halt every upload behind it. So the batch is logged at
+    ERROR with topic, partition and offsets, counted in
     ``modstream_undecodable_batches_total{topic}``, the partition moves past
     it, and the caller gets it in ``Polled.undecodable`` to dead-letter.
     Other partitions keep flowing: their records come back in the same or

@@ -73,6 +73,8 @@ def run(args: argparse.Namespace, settings: Settings) -> SuiteResult:
         (folder / "images").mkdir()
         workload = build_workload(folder / "images", images, args.dup_ratio, size, args.seed)
         settings = _bench_settings(settings, bundle, gpu=bool(gpus))
+        settings = settings.model_copy(update={"limits": settings.limits.model_copy(  # its events' file:// folder
+            update={"file_roots": (*settings.limits.file_roots, str(folder / "images"))})})
         with ray_session(settings.ray_address):
             phases, memory = _run_pipeline(settings, workload)
         baselines = measure_baselines(settings, bundle, workload, histograms, args)
