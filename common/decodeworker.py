@@ -32,7 +32,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from PIL import Image
 
@@ -174,7 +174,8 @@ class _Worker:
         """A copy of the RGB pixels the worker left in shared memory, as an image of its own."""
         start = self.input_capacity
         with memoryview(self.shared)[start:start + width * height * 3] as view:
-            return Image.frombuffer("RGB", (width, height), view, "raw", "RGB", 0, 1)  # RGB: a copy, never shared
+            # Mode RGB is always copied (its layout differs from the buffer's), so nothing stays shared.
+            return Image.frombuffer("RGB", (width, height), cast(bytes, view), "raw", "RGB", 0, 1)
 
     def _release_pages(self, input_bytes: int, output_bytes: int) -> None:
         """Give large images' pages back: shared memory otherwise stays resident at its largest use."""
@@ -237,7 +238,6 @@ class _Pool:
     """This process's workers: reused, at most `most` at a time, replaced when they die."""
 
     def __init__(self) -> None:
-        self.pid = os.getpid()
         self._changed = threading.Condition()
         self._idle: list[_Worker] = []
         self._live: set[_Worker] = set()
@@ -311,17 +311,18 @@ class _Pool:
                                 max([self._retired_peak_rss, *(worker.peak_rss_bytes for worker in self._live)]))
 
 
-_POOL: _Pool | None = None
-_POOL_LOCK = threading.Lock()
+_POOLS: dict[int, _Pool] = {}
+_POOLS_LOCK = threading.Lock()
 
 
 def _pool() -> _Pool:
     """The pool of this process: a forked child starts its own rather than share its parent's sockets."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None or _POOL.pid != os.getpid():
-            _POOL = _Pool()
-        return _POOL
+    with _POOLS_LOCK:
+        pid = os.getpid()
+        if pid not in _POOLS:
+            _POOLS.clear()
+            _POOLS[pid] = _Pool()
+        return _POOLS[pid]
 
 
 # --- framing: 8-byte length, then the bytes ------------------------------------------------------
@@ -400,14 +401,13 @@ def serve(fd: int, shared_fd: int, input_capacity: int, output_capacity: int) ->
             _send_json(sock, _usage())
             continue
         limits = LoadLimits(**request["limits"])
-        draft = tuple(request["draft"]) if request["draft"] else None
+        draft = (int(request["draft"][0]), int(request["draft"][1])) if request["draft"] else None
         cap = idle_bytes + limits.decode_memory_bytes + _SLACK_BYTES
         reply: dict[str, Any]
         resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
         signal.setitimer(signal.ITIMER_PROF, limits.decode_cpu_s)
         try:
-            image = decode_in_process(shared[:min(request["size"], input_capacity)], limits,
-                                      draft)  # type: ignore[arg-type]
+            image = decode_in_process(shared[:min(request["size"], input_capacity)], limits, draft)
             if image.width * image.height * 3 > output_capacity:
                 raise LoadError("too_large", f"{image.width}x{image.height} pixels, limit {limits.max_pixels}")
             _write_rgb(image, shared, input_capacity)

@@ -117,7 +117,9 @@ def test_bomb_is_too_large_even_when_pillows_own_guard_is_off(
 @pytest.mark.parametrize("fmt", ["BMP", "TIFF"])
 def test_formats_beyond_the_everyday_ones_are_off_unless_allowed(fmt: str) -> None:
     data = encode(Image.new("RGB", (8, 8), RED), fmt)
-    error = pytest.raises(LoadError, decode_image, data, LIMITS).value
+    with pytest.raises(LoadError) as caught:
+        decode_image(data, LIMITS)
+    error = caught.value
     assert error.reason == "unsupported_format"
     assert "limits.formats" in error.detail
     assert decode_image(data, LoadLimits(formats=("JPEG", fmt))).getpixel((4, 4)) == RED

@@ -52,8 +52,8 @@ def run(args: argparse.Namespace, settings: Settings) -> SuiteResult:
         "photos: seeded smooth colour fields with grain, JPEG quality 90 (deploy/bench/synthetic.py)",
         "extract_features = MD5 + pHash + pHash quality + histogram + the CNN's 224 x 224 input",
         "images/s per core = 1000 / the CPU ms of decode + extract_features, the decode workers' included",
-        "decoded in process: the same without the decode worker (no hard stop on CPU and memory), measured "
-        "alternately with it; the worker's cost x = with / without",
+        ("decoded in process: the same without the decode worker (no hard stop on CPU and memory), measured "
+         "alternately with it; the worker's cost x = with / without"),
     ]
     return result
 
