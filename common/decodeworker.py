@@ -378,7 +378,7 @@ def _read_json(sock: socket.socket, deadline: float | None) -> dict[str, Any]:
 
 def serve(fd: int, shared_fd: int, input_capacity: int, output_capacity: int) -> None:
     """The worker's loop: decode each request under the budgets it names, until the caller hangs up."""
-    from common.decode import decode_in_process  # imports Pillow's codecs before the idle size is taken
+    import common.decode  # noqa: F401 - Pillow and its codecs, loaded before the idle size is taken
 
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash on a crafted file leaves no core dump behind
     sock = socket.socket(fileno=fd)
@@ -398,27 +398,36 @@ def serve(fd: int, shared_fd: int, input_capacity: int, output_capacity: int) ->
         except _WorkerGone:
             return
         if "usage" in request:
-            _send_json(sock, _usage())
-            continue
-        limits = LoadLimits(**request["limits"])
-        draft = (int(request["draft"][0]), int(request["draft"][1])) if request["draft"] else None
-        cap = idle_bytes + limits.decode_memory_bytes + _SLACK_BYTES
-        reply: dict[str, Any]
-        resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
-        signal.setitimer(signal.ITIMER_PROF, limits.decode_cpu_s)
+            reply = _usage()
+        else:
+            reply = _decode_request(request, shared, input_capacity, output_capacity, idle_bytes, hard)
         try:
-            image = decode_in_process(shared[:min(request["size"], input_capacity)], limits, draft)
-            if image.width * image.height * 3 > output_capacity:
-                raise LoadError("too_large", f"{image.width}x{image.height} pixels, limit {limits.max_pixels}")
-            _write_rgb(image, shared, input_capacity)
-            reply = {"ok": True, "size": image.size}
-            del image
-        except LoadError as exc:
-            reply = {"ok": False, "reason": exc.reason, "detail": exc.detail}
-        finally:
-            signal.setitimer(signal.ITIMER_PROF, 0)
-            resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
-        _send_json(sock, reply)
+            _send_json(sock, reply)
+        except _WorkerGone:  # the caller went away mid-decode
+            return
+
+
+def _decode_request(request: dict[str, Any], shared: mmap.mmap, input_capacity: int, output_capacity: int,
+                    idle_bytes: int, hard: int) -> dict[str, Any]:
+    """Decode the image in shared memory under the request's budgets; the pixels go back there."""
+    from common.decode import decode_in_process
+
+    limits = LoadLimits(**request["limits"])
+    draft = (int(request["draft"][0]), int(request["draft"][1])) if request["draft"] else None
+    cap = idle_bytes + limits.decode_memory_bytes + _SLACK_BYTES
+    resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+    signal.setitimer(signal.ITIMER_PROF, limits.decode_cpu_s)
+    try:
+        image = decode_in_process(shared[:min(request["size"], input_capacity)], limits, draft)
+        if image.width * image.height * 3 > output_capacity:
+            raise LoadError("too_large", f"{image.width}x{image.height} pixels, limit {limits.max_pixels}")
+        _write_rgb(image, shared, input_capacity)
+        return {"ok": True, "size": image.size}
+    except LoadError as exc:
+        return {"ok": False, "reason": exc.reason, "detail": exc.detail}
+    finally:
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
 
 
 def _write_rgb(image: Image.Image, shared: mmap.mmap, offset: int) -> None:
