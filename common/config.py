@@ -129,7 +129,10 @@ class PipelineConfig(_Section):
     poll_records: int = Field(32, ge=1)  # measured: 32 beat 16 and 64 on throughput and p99 (docs/benchmarks.md)
     max_inflight_batches: int = Field(4, ge=1)
     dedup_shards: int = Field(2, ge=1)
-    phash_max_distance: int = Field(10, ge=0, le=24)
+    pdq_max_distance: int = Field(31, ge=0, le=63)  # PDQ bits; copies of photos move <= ~31, distinct ones ~100
+    pdq_dihedral: bool = False  # also match rotated and mirrored copies (8 PDQ variants per lookup)
+    dedup_max_images: int | None = Field(None, ge=1)  # per shard; the oldest unreviewed are evicted first
+    dedup_max_age_s: float | None = Field(None, gt=0)  # unreviewed verdicts older than this are evicted
     knn_replicas: int = Field(1, ge=1)
     knn_k: int = Field(10, ge=1)
     knn_ef: int = Field(100, ge=1)
@@ -143,13 +146,20 @@ class PipelineConfig(_Section):
 
 
 class ClassifierConfig(_Section):
-    """Ray Serve settings of the CNN deployment (see FACTS.md on batching)."""
+    """Ray Serve settings of the CNN deployment.
 
+    A request is one caller's batch of images, so ``target_ongoing_requests`` and
+    ``max_ongoing_requests`` count batches; None derives them from the batch size
+    (workers.classifier.classifier_options says how).
+    """
+
+    app_name: str = Field("modstream", min_length=1)  # the Serve application holding the Classifier
     num_replicas: int = Field(1, ge=1)
     autoscaling: bool = False
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(4, ge=1)
-    target_ongoing_requests: float = Field(32.0, gt=0)
+    target_ongoing_requests: float | None = Field(None, gt=0)
+    max_ongoing_requests: int | None = Field(None, ge=1)
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     num_gpus: float = Field(0.0, ge=0)
@@ -157,8 +167,10 @@ class ClassifierConfig(_Section):
 
 
 class ThresholdConfig(_Section):
-    block: float = Field(0.9, ge=0, le=1)
-    review: float = Field(0.5, ge=0, le=1)
+    """Overrides of the bundle's block/review thresholds; None (the default) keeps the bundle's."""
+
+    block: float | None = Field(None, ge=0, le=1)
+    review: float | None = Field(None, ge=0, le=1)
 
 
 class Settings(_Section):

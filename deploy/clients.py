@@ -200,7 +200,7 @@ def parse_since(text: str, now_ms: int | None = None) -> int:
 
 
 VERDICT_COLUMNS = ("image_id", "action", "label", "score", "source", "matched_image_id", "knn", "cnn",
-                   "hamming", "latency_ms")
+                   "pdq_distance", "latency_ms")
 
 
 def verdict_row(verdict: Verdict) -> dict[str, str]:
@@ -212,7 +212,7 @@ def verdict_row(verdict: Verdict) -> dict[str, str]:
         "matched_image_id": verdict.matched_image_id or "-",
         "knn": "-" if signals.knn is None else f"{signals.knn:.3f}",
         "cnn": "-" if signals.cnn is None else f"{signals.cnn:.3f}",
-        "hamming": "-" if signals.hamming is None else str(signals.hamming),
+        "pdq_distance": "-" if signals.pdq_distance is None else str(signals.pdq_distance),
         "latency_ms": f"{verdict.latency_ms:.1f}",
     }
     return cells

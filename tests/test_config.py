@@ -21,7 +21,7 @@ def test_flags_beat_environment_beat_file_beat_defaults(tmp_path) -> None:
     assert settings.pipeline.dedup_shards == 5  # environment over file
     assert settings.pipeline.knn_k == 7  # file
     assert settings.kafka.group_id == "from-file"  # a flag left unset keeps the lower layer
-    assert settings.thresholds.block == 0.8 and settings.thresholds.review == 0.5  # default
+    assert settings.thresholds.block == 0.8 and settings.thresholds.review is None  # unset: the bundle's applies
 
 
 def test_config_file_from_the_environment_and_lists_from_commas(tmp_path) -> None:

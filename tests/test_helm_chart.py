@@ -176,9 +176,8 @@ def test_values_schema_rejects_bad_values(helm: Helm, setting: str, complaint: s
 
 
 @pytest.mark.parametrize(("settings", "complaint"), [
-    (["config.thresholds.review=0.95"], "config.thresholds.review must not exceed"),
+    (["config.thresholds.block=0.5", "config.thresholds.review=0.95"], "config.thresholds.review must not exceed"),
     (["config.classifier.num_gpus=1"], "needs ray.gpuWorkers.enabled"),
-    (["serve.classifierMaxOngoingRequests=40"], "at least 2 x config.classifier.max_batch_size"),
     (['config.kafka.security_protocol="SASL_SSL"'], "kafkaAuth.existingSecret"),
     (["ray.cpuWorkers.minReplicas=3"], "ray.cpuWorkers needs minReplicas <= replicas <= maxReplicas"),
     (["config.classifier.autoscaling=true", "config.classifier.min_replicas=5"],
@@ -264,12 +263,9 @@ def test_default_render_serves_the_pipeline_on_cpus(rendered: dict[str, list[dic
     assert app["args"] == {"config_file": "/etc/modstream/config.yaml"}
     deployments = serve_deployments(rayservice)
     assert deployments["PipelineController"]["num_replicas"] == 1
-    classifier = deployments["Classifier"]
-    assert classifier["num_replicas"] == 1 and "autoscaling_config" not in classifier
-    assert classifier["user_config"] == {"max_batch_size": 32, "batch_wait_timeout_s": 0.01}
-    assert classifier["ray_actor_options"] == {"num_gpus": 0, "num_cpus": 1}
-    # FACTS.md: @serve.batch cannot fill a batch larger than max_ongoing_requests.
-    assert classifier["max_ongoing_requests"] == 64
+    # The app builder derives the Classifier's options from config.classifier; the chart sets none.
+    assert "Classifier" not in deployments
+    assert app["name"] == "modstream"
     for pod in pod_templates(rayservice).values():
         for container in pod["spec"]["containers"]:
             assert "nvidia.com/gpu" not in container["resources"]["limits"]
@@ -285,12 +281,7 @@ def test_gpu_render_requests_gpus_for_the_classifier(rendered: dict[str, list[di
     assert gpu_pod["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     assert toleration in gpu_pod["spec"]["tolerations"]
-    classifier = serve_deployments(rayservice)["Classifier"]
-    assert classifier["ray_actor_options"]["num_gpus"] == 1
-    assert classifier["autoscaling_config"] == {
-        "min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 64}
-    assert "num_replicas" not in classifier
-    assert classifier["max_ongoing_requests"] >= 2 * classifier["user_config"]["max_batch_size"]
+    assert "Classifier" not in serve_deployments(rayservice)  # its options come from config.classifier
 
 
 @pytest.mark.parametrize("render", RENDERS)
@@ -309,6 +300,8 @@ def test_config_map_is_a_valid_modstream_config(
     assert settings.topics.state_prefix == values["config"]["topics"]["state_prefix"]
     assert settings.limits.file_roots == tuple(values["config"]["limits"]["file_roots"])
     assert settings.metrics_port == 9100
+    assert settings.classifier.app_name == yaml.safe_load(
+        the(rendered[render], "RayService")["spec"]["serveConfigV2"])["applications"][0]["name"]
     assert settings.kafka.sasl_password is None
     if render == "default":
         assert settings.kafka.sasl_mechanism is None and settings.kafka.ssl_cafile is None
@@ -542,3 +535,26 @@ def test_network_policy_and_dashboard_address_can_be_relaxed(helm: Helm) -> None
 def test_dashboard_host_is_set_in_one_place_only(helm: Helm) -> None:
     result = template(helm, "--set", "ray.head.rayStartParams.dashboard-host=0.0.0.0")
     assert result.returncode != 0 and "/ray/head/rayStartParams/dashboard-host" in result.stderr
+
+
+@pytest.mark.parametrize("render", RENDERS)
+def test_serve_options_come_from_one_place(rendered: dict[str, list[dict[str, Any]]], render: str,
+                                           tmp_path: Path) -> None:
+    """The Classifier's Serve options are what workers.classifier derives from the ConfigMap's settings."""
+    from deploy.serve_app import app_builder
+    from workers.classifier import classifier_options
+
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(the(rendered[render], "ConfigMap")["data"]["config.yaml"])
+    settings = load_settings(config_file=config_file, env={})
+    application = app_builder({"config_file": str(config_file)})
+    (classifier,) = [arg for arg in application._bound_deployment.init_args if hasattr(arg, "_bound_deployment")]
+    deployment = classifier._bound_deployment
+    expected = classifier_options(settings.classifier, settings.pipeline.poll_records)
+    assert deployment.max_ongoing_requests == expected["max_ongoing_requests"]
+    assert deployment.ray_actor_options["num_gpus"] == settings.classifier.num_gpus
+    assert deployment.user_config == expected["user_config"]
+    if settings.classifier.autoscaling:  # values-gpu.yaml: 64-image batches of 32-image requests: target 2
+        target = expected["autoscaling_config"]["target_ongoing_requests"]
+        assert deployment._deployment_config.autoscaling_config.target_ongoing_requests == target == \
+            settings.classifier.max_batch_size / settings.pipeline.poll_records

@@ -19,7 +19,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -39,12 +39,13 @@ from common.decisions import (
     decide_from_model,
     entry_for,
     to_verdict,
+    variants,
 )
 from common.decode import decode_image
-from common.dedupstate import ImageRecord, shard_of
+from common.dedupstate import ImageRecord, quantise_histogram, shard_of
 from common.features import ImageFeatures, extract_features
 from common.fetch import fetch_bytes
-from common.fusion import Thresholds
+from common.fusion import FusionTree, Thresholds, applied_thresholds
 from common.kafkaio import make_consumer, make_producer
 from common.loaderrors import LoadError
 from common.messages import (
@@ -57,7 +58,7 @@ from common.messages import (
     record_placeholder_id,
     to_json_bytes,
 )
-from workers.classifier import DEPLOYMENT_NAME
+from workers.classifier import DEPLOYMENT_NAME, Scored
 from workers.dedup import lookup_all
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ log = logging.getLogger(__name__)
 APP_NAME = "modstream"
 MODEL_ATTEMPTS = 6  # a killed classifier replica is replaced within a few seconds
 LAG_INTERVAL_S = 5.0
-LOOKUP_RESULTS = {"exact": "exact", "near": "near", "image_review": "review"}
+LOOKUP_RESULTS = {"exact": "exact", "near": "near", "image_review": "review", "bank": "bank"}
 
 
 @dataclass
@@ -115,8 +116,8 @@ class IngestWorker:
         bundle = resolve_bundle(settings.bundle)
         self.bundle_id = bundle.id
         metrics.BUNDLE_INFO.labels(bundle_id=bundle.id).set(1)
-        self.fusion = bundle.load_fusion()
-        self.thresholds = Thresholds(block=settings.thresholds.block, review=settings.thresholds.review)
+        self.cnn_spec = bundle.cnn
+        self._rules: dict[str, tuple[FusionTree, Thresholds, str]] = {}  # by bundle id, as replicas report them
         self.limits = settings.load_limits()
         self.draft = (settings.pipeline.draft_size, settings.pipeline.draft_size)
         self.batches: queue.Queue[Batch | None] = queue.Queue(maxsize=settings.pipeline.max_inflight_batches)
@@ -128,7 +129,7 @@ class IngestWorker:
         self.last_activity = time.monotonic()
         self.producer = make_producer(settings)
         self.loaders = ThreadPoolExecutor(max_workers=4, thread_name_prefix="load")
-        self.classifier = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=APP_NAME)
+        self.classifier = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=settings.classifier.app_name)
         size = bundle.cnn.input_size
         self.classifier.remote(np.zeros((1, size, size, 3), np.uint8)).result(timeout_s=300)  # warm the route
         self._threads = [threading.Thread(target=self._poll_loop, name="poll", daemon=True),
@@ -239,6 +240,7 @@ class IngestWorker:
             image = decode_image(data, self.limits, draft_to=self.draft)
             decoded = time.perf_counter()
             features = extract_features(data, image, image.size)
+            features = replace(features, cnn_input=_read_only(self.cnn_spec.model_input(image)))
             metrics.STAGE_LATENCY.labels(stage="decode").observe(decoded - started)
             metrics.STAGE_LATENCY.labels(stage="hash").observe(time.perf_counter() - decoded)
             return event, features
@@ -340,7 +342,8 @@ class IngestWorker:
         """Dedup first; only images with no earlier verdict reach kNN and the CNN."""
         features = [item.features for item in items]
         started = time.perf_counter()
-        matches = lookup_all(self.shards, [(f.md5, f.phash, f.phash_reliable, item.event.image_id)
+        dihedral = self.settings.pipeline.pdq_dihedral
+        matches = lookup_all(self.shards, [(f.md5, variants(f, dihedral), f.pdq_quality, item.event.image_id)
                                            for f, item in zip(features, items, strict=True)])
         metrics.STAGE_LATENCY.labels(stage="dedup").observe(time.perf_counter() - started)
         for match in matches:
@@ -351,15 +354,18 @@ class IngestWorker:
         for i, match in enumerate(matches):
             if match is not None:
                 decisions[i] = decide_from_match(items[i].event, match)
-        copies = batch_copies([features[i] for i in unmatched], self.settings.pipeline.phash_max_distance)
+        copies = batch_copies([features[i] for i in unmatched], self.settings.pipeline.pdq_max_distance, dihedral)
         leaders = [i for position, i in enumerate(unmatched) if position not in copies]
         for copy in copies.values():  # found inside this batch, before dedup state knew the original
             metrics.DEDUP_LOOKUPS.labels(result="exact" if copy.exact else "near").inc()
         metrics.DEDUP_LOOKUPS.labels(result="miss").inc(len(leaders))
         signals = self._model_signals([features[i] for i in leaders])
         started = time.perf_counter()
-        for i, (knn, cnn) in zip(leaders, signals, strict=True):
-            decisions[i] = decide_from_model(knn, cnn, self.fusion, self.thresholds)
+        for i, (knn, cnn, scored_by) in zip(leaders, signals, strict=True):
+            fusion, thresholds, source = self._rules_of(scored_by)
+            decision = decide_from_model(knn, cnn, fusion, thresholds)
+            decisions[i] = replace(decision, model_version=scored_by.bundle_id,
+                                   signals={**decision.signals, "thresholds": source})
         if leaders:
             metrics.STAGE_LATENCY.labels(stage="fusion").observe(time.perf_counter() - started)
         for position, copy in copies.items():
@@ -368,7 +374,15 @@ class IngestWorker:
                 decisions[leader], items[leader].event.image_id, copy.distance, copy.exact)
         return decisions
 
-    def _model_signals(self, features: list[ImageFeatures]) -> list[tuple[float | None, float | None]]:
+    def _rules_of(self, scored: Scored) -> tuple[FusionTree, Thresholds, str]:
+        """The fusion tree and thresholds of the bundle that scored; settings override thresholds when set."""
+        if scored.bundle_id not in self._rules:
+            overrides = self.settings.thresholds
+            thresholds, source = applied_thresholds(scored.thresholds, overrides.block, overrides.review)
+            self._rules[scored.bundle_id] = (FusionTree.from_dict(scored.fusion), thresholds, source)
+        return self._rules[scored.bundle_id]
+
+    def _model_signals(self, features: list[ImageFeatures]) -> list[tuple[float | None, float, Scored]]:
         if not features:
             return []
         replica = self.knn_replicas[self.counts["knn_calls"] % len(self.knn_replicas)]
@@ -376,13 +390,15 @@ class IngestWorker:
         knn_ref = replica.probabilities.remote(np.stack([f.histogram for f in features]))
         cnn = self._classify([f.cnn_input for f in features])
         knn = ray.get(knn_ref)
-        return [(None if k is None else float(k), c) for k, c in zip(knn, cnn, strict=True)]
+        return [(None if k is None else float(k), c, by) for k, (c, by) in zip(knn, cnn, strict=True)]
 
-    def _classify(self, images: list[np.ndarray]) -> list[float]:
-        """One Serve request per chunk of at most a model batch; failed chunks are asked again."""
+    def _classify(self, images: list[np.ndarray]) -> list[tuple[float, Scored]]:
+        """P(adult) per image with the answer (bundle id, fusion, thresholds) of the replica that scored it.
+
+        One Serve request per chunk of at most a model batch; failed chunks are asked again."""
         size = self.settings.classifier.max_batch_size
         chunks = {start: np.stack(images[start:start + size]) for start in range(0, len(images), size)}
-        scores: dict[int, list[float]] = {}
+        scores: dict[int, Scored] = {}
         for attempt in range(MODEL_ATTEMPTS):
             responses = {start: self.classifier.remote(chunk) for start, chunk in chunks.items()
                          if start not in scores}
@@ -392,7 +408,7 @@ class IngestWorker:
                 except Exception:  # replica died or timed out: ask again
                     metrics.CLASSIFIER_ERRORS.inc()
             if len(scores) == len(chunks):
-                return [score for start in sorted(scores) for score in scores[start]]
+                return [(score, scores[start]) for start in sorted(scores) for score in scores[start].scores]
             log.warning("classifier failed for %d chunks (attempt %d); retrying", len(chunks) - len(scores),
                         attempt + 1)
             time.sleep(min(5.0, 0.5 * 2**attempt))
@@ -406,10 +422,11 @@ class IngestWorker:
         for item, decision in zip(items, decisions, strict=True):
             f = item.features
             if decision.source == "model" and decision.matched_image_id is None:
-                entries[shard_of(f.md5, shards)].append(entry_for(item.event, f, decision, self.bundle_id))
+                entries[shard_of(f.md5, shards)].append(
+                    entry_for(item.event, f, decision, decision.model_version or self.bundle_id))
             images[shard_of(item.event.image_id, shards)].append(ImageRecord(
-                image_id=item.event.image_id, md5=f.md5, phash=f.phash, phash_reliable=f.phash_reliable,
-                histogram=[round(float(x), 6) for x in f.histogram]))
+                image_id=item.event.image_id, md5=f.md5, pdq=f.pdq, pdq_quality=f.pdq_quality,
+                histogram=quantise_histogram(f.histogram)))
         return [shard.remember_many.remote(entries[i], images[i])
                 for i, shard in enumerate(self.shards) if entries[i] or images[i]]
 
@@ -449,6 +466,11 @@ def report_lag(consumer) -> None:
         committed = consumer.committed(tp) or 0
         lag = max(0, ends.get(tp, 0) - committed)
         metrics.CONSUMER_LAG.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.setflags(write=False)
+    return array
 
 
 DLQ_INLINE_LIMIT = 64 * 1024

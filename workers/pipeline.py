@@ -21,7 +21,7 @@ from common.config import Settings
 from common.kafkaio import ensure_topics
 from workers.classifier import classifier_app
 from workers.dedup import DedupShard
-from workers.ingest import APP_NAME, Ingest
+from workers.ingest import Ingest
 from workers.knn import KnnReplica
 from workers.review import ReviewFeedback, wait_until_caught_up
 
@@ -51,7 +51,8 @@ class Pipeline:
         ensure_topics(settings)
         if self.deploy_classifier:
             serve.start(proxy_location="Disabled")
-            serve.run(classifier_app(settings.bundle, settings.classifier), name=APP_NAME, route_prefix=None)
+            serve.run(classifier_app(settings.bundle, settings.classifier, settings.pipeline.poll_records),
+                      name=settings.classifier.app_name, route_prefix=None)
         pipeline = settings.pipeline
         self.shards = [DedupShard.options(**ACTOR_OPTIONS).remote(settings, i, pipeline.dedup_shards)
                        for i in range(pipeline.dedup_shards)]
@@ -103,6 +104,6 @@ class Pipeline:
             if actor is not None:
                 ray.kill(actor)
         if self.deploy_classifier:
-            serve.delete(APP_NAME)
+            serve.delete(self.settings.classifier.app_name)
         self.ingest, self.review, self.knn_replicas, self.shards = [], None, [], []
         return totals

@@ -25,7 +25,8 @@ from kafka.structs import OffsetAndMetadata
 from common import metrics  # by module: Ray pickles actor classes by value
 from common.changelog import Changelog
 from common.config import Settings
-from common.dedupstate import shard_of
+from common.dedupstate import dequantise_histogram, shard_of
+from common.features import MIN_PDQ_QUALITY, md5_hex
 from common.kafkaio import make_consumer, make_producer
 from common.logend import log_end
 from common.messages import (
@@ -40,7 +41,7 @@ from workers.knn import references_topic
 from workers.reissue import Reissuer
 
 log = logging.getLogger(__name__)
-UNKNOWN_PHASH = "0" * 16
+UNKNOWN_PDQ = "0" * 64  # quality 0: never near-matched
 POLL_RECORDS = 500
 ENDS_TIMEOUT_MS = 5000  # caught_up answers "no" rather than keep callers waiting on an unreachable broker
 APPLY_ATTEMPTS = 5  # a decision failing this often for a reason other than those below is dead-lettered
@@ -61,20 +62,22 @@ class ReviewApplier:
         return self.shards[shard_of(key, len(self.shards))]
 
     def apply(self, decision: ReviewDecision) -> dict[str, Any]:
+        """The decision's own hashes win over what the pipeline saw for its image id; a
+        decision with only a PDQ is remembered under a key derived from it (no bytes, no MD5)."""
         image_owner = self._shard(decision.image_id)
         record = ray.get(image_owner.image.remote(decision.image_id))
         ray.get(image_owner.review_image_id.remote(decision.image_id, decision.label))
         md5 = decision.md5 or (record.md5 if record else None)
-        phash = decision.phash or (record.phash if record else None)
-        reliable = record.phash_reliable if record and phash == record.phash else phash is not None
+        pdq = decision.pdq or (record.pdq if record else None)
+        quality = record.pdq_quality if record and pdq == record.pdq else MIN_PDQ_QUALITY if pdq else 0
         outcome = {"image_id": decision.image_id, "label": decision.label, "entry": None, "reference": False}
-        if md5 or phash:
-            key = md5 or f"phash:{phash}"
+        if md5 or pdq:
+            key = md5 or md5_hex(f"pdq:{pdq}".encode())
             entry = ray.get(self._shard(key).apply_review.remote(
-                key, phash or UNKNOWN_PHASH, reliable, decision.image_id, decision.label))
+                key, pdq or UNKNOWN_PDQ, quality, decision.image_id, decision.label))
             outcome["entry"] = entry.md5
         if record is not None:
-            value = {"label": decision.label, "histogram": record.histogram}
+            value = {"label": decision.label, "histogram": dequantise_histogram(record.histogram)}
             self.references.append([(decision.image_id, value)])
             ray.get([replica.add.remote([value], [decision.image_id]) for replica in self.knn_replicas])
             outcome["reference"] = True
