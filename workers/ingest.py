@@ -39,9 +39,10 @@ from common.decisions import (
     decide_from_model,
     entry_for,
     to_verdict,
+    variants,
 )
 from common.decode import decode_image
-from common.dedupstate import ImageRecord, shard_of
+from common.dedupstate import ImageRecord, quantise_histogram, shard_of
 from common.features import ImageFeatures, extract_features
 from common.fetch import fetch_bytes
 from common.fusion import FusionTree, Thresholds, applied_thresholds
@@ -65,7 +66,7 @@ log = logging.getLogger(__name__)
 APP_NAME = "modstream"
 MODEL_ATTEMPTS = 6  # a killed classifier replica is replaced within a few seconds
 LAG_INTERVAL_S = 5.0
-LOOKUP_RESULTS = {"exact": "exact", "near": "near", "image_review": "review"}
+LOOKUP_RESULTS = {"exact": "exact", "near": "near", "image_review": "review", "bank": "bank"}
 
 
 @dataclass
@@ -341,7 +342,8 @@ class IngestWorker:
         """Dedup first; only images with no earlier verdict reach kNN and the CNN."""
         features = [item.features for item in items]
         started = time.perf_counter()
-        matches = lookup_all(self.shards, [(f.md5, f.phash, f.phash_reliable, item.event.image_id)
+        dihedral = self.settings.pipeline.pdq_dihedral
+        matches = lookup_all(self.shards, [(f.md5, variants(f, dihedral), f.pdq_quality, item.event.image_id)
                                            for f, item in zip(features, items, strict=True)])
         metrics.STAGE_LATENCY.labels(stage="dedup").observe(time.perf_counter() - started)
         for match in matches:
@@ -352,7 +354,7 @@ class IngestWorker:
         for i, match in enumerate(matches):
             if match is not None:
                 decisions[i] = decide_from_match(items[i].event, match)
-        copies = batch_copies([features[i] for i in unmatched], self.settings.pipeline.phash_max_distance)
+        copies = batch_copies([features[i] for i in unmatched], self.settings.pipeline.pdq_max_distance, dihedral)
         leaders = [i for position, i in enumerate(unmatched) if position not in copies]
         for copy in copies.values():  # found inside this batch, before dedup state knew the original
             metrics.DEDUP_LOOKUPS.labels(result="exact" if copy.exact else "near").inc()
@@ -423,8 +425,8 @@ class IngestWorker:
                 entries[shard_of(f.md5, shards)].append(
                     entry_for(item.event, f, decision, decision.model_version or self.bundle_id))
             images[shard_of(item.event.image_id, shards)].append(ImageRecord(
-                image_id=item.event.image_id, md5=f.md5, phash=f.phash, phash_reliable=f.phash_reliable,
-                histogram=[round(float(x), 6) for x in f.histogram]))
+                image_id=item.event.image_id, md5=f.md5, pdq=f.pdq, pdq_quality=f.pdq_quality,
+                histogram=quantise_histogram(f.histogram)))
         return [shard.remember_many.remote(entries[i], images[i])
                 for i, shard in enumerate(self.shards) if entries[i] or images[i]]
 
