@@ -110,10 +110,10 @@ def _config(tmp_path: Path, settings) -> Path:  # noqa: ANN001 - Settings
 def test_banks_update_live_and_rank_between_reviews_and_remembered_verdicts(start_pipeline, tmp_path, capsys) -> None:
     pipeline, outputs = start_pipeline()
     settings = pipeline.settings
-    remembered, banked = SAMPLES / "city-01.jpg", SAMPLES / "forest-01.jpg"
+    remembered, banked = SAMPLES / "rocket.jpg", SAMPLES / "sign.jpg"  # its half-size copy is 4 PDQ bits off
     publish_events(settings, [upload_event_for(remembered, inline=False)])
     outputs.wait(1)
-    assert outputs.by_image()["city-01"].source == "model"
+    assert outputs.by_image()["rocket"].source == "model"
 
     # Import through the CLI while the shards run: a PDQ entry and the MD5 of an image already remembered.
     bank_file = _write(tmp_path, json.dumps({"pdq": _features(banked).pdq, "entry_id": "e-42"}) + "\n"
@@ -137,7 +137,7 @@ def test_banks_update_live_and_rank_between_reviews_and_remembered_verdicts(star
     assert (again.source, again.bank.entry_id, again.signals.pdq_distance) == ("hash_bank", "e-7", 0)
 
     # A review wins over the bank.
-    publish_review(settings, ReviewDecision(image_id="city-01", label="normal", reviewer="test"))
+    publish_review(settings, ReviewDecision(image_id="rocket", label="normal", reviewer="test"))
     wait_for(lambda: pipeline.stats().get("reviews_applied", 0) >= 1, message="review applied")
     publish_events(settings, [upload_event_for(remembered, inline=False, image_id="reviewed-again")])
     outputs.wait(4)
@@ -158,8 +158,8 @@ def test_banks_update_live_and_rank_between_reviews_and_remembered_verdicts(star
 def test_restore_after_restart_reads_only_each_shards_share(start_pipeline, make_settings, tmp_path) -> None:
     settings = make_settings(pipeline={"dedup_shards": 2})
     first, outputs = start_pipeline(settings)
-    originals = [SAMPLES / f"{name}.jpg" for name in ("city-01", "city-02", "field-01", "field-02", "forest-01",
-                                                       "portrait-01")]
+    originals = [SAMPLES / f"{name}.jpg" for name in ("rocket", "astronaut", "coffee", "camera", "retina",
+                                                       "tissue")]
     publish_events(settings, [upload_event_for(path, inline=False) for path in originals])
     outputs.wait(len(originals))
     import_rows(settings, "restart-list", [BankRow("md5", MD5, "adult", None)], "review")
