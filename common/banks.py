@@ -128,9 +128,9 @@ def _read_csv(text: str, default_label: str) -> list[BankRow]:
                 continue
             if not 2 <= len(fields) <= 4:
                 raise BankFileError(f"line {number}: expected 2-4 fields ({','.join(CSV_HEADER)}), got {len(fields)}")
-            fields += [""] * (4 - len(fields))
-            rows.append(_row(number, fields[0].strip().lower(), fields[1].strip(), fields[2].strip() or None,
-                             fields[3].strip() or None, default_label))
+            kind, hash_value, label, entry_id = [*fields, "", ""][:4]
+            rows.append(_row(number, kind.strip().lower(), hash_value.strip(), label.strip() or None,
+                             entry_id.strip() or None, default_label))
     except csv.Error as exc:
         raise BankFileError(f"line {reader.line_num}: {exc}") from None
     return rows
@@ -179,7 +179,7 @@ def read_banks(settings: Settings, timeout_s: float = 60.0) -> BankIndex:
     """Every bank as it stands now (the topic replayed up to markers)."""
     index = BankIndex(max_distance=0)
     for key, value in _replay(settings, timeout_s):
-        _apply(index, key, value)
+        apply_bank_record(index, key, value)
     return index
 
 
@@ -199,7 +199,8 @@ def remove_bank(settings: Settings, bank: str, timeout_s: float = 60.0) -> int:
     return len(keys)
 
 
-def _apply(index: BankIndex, key: str, value: bytes | None) -> None:
+def apply_bank_record(index: BankIndex, key: str, value: bytes | None) -> None:
+    """Apply one record of the bank topic; a malformed one is logged and skipped (producers are not trusted)."""
     parsed = parse_key(key)
     if parsed is None:
         log.warning("ignoring bank record with a malformed key %r", key[:200])
@@ -283,7 +284,7 @@ class BankFollower:
         self.errors = 0
         self._reader = _Reader(settings)
         for key, value in self._reader.until_marker(timeout_s):
-            _apply(self.index, key, value)
+            apply_bank_record(self.index, key, value)
         self.thread = threading.Thread(target=self._tail, name="banks", daemon=True)
         self.thread.start()
 
@@ -292,7 +293,7 @@ class BankFollower:
             try:
                 for key, value in self._reader.poll():
                     with self.lock:
-                        _apply(self.index, key, value)
+                        apply_bank_record(self.index, key, value)
             except Exception:  # the broker is away: keep the banks we have and try again
                 self.errors += 1
                 log.exception("following the bank topic failed; retrying")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import imagehash
 import numpy as np
-import pdqhash
+import pdqhash  # type: ignore[import-untyped]
 from PIL import Image
 
 from common.errors import ModstreamError

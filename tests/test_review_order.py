@@ -102,9 +102,13 @@ def test_caught_up_needs_records_fetched_before_it_can_judge_their_time() -> Non
 
 # -- verdict order (pure logic) ---------------------------------------------------------------------
 
+def _hashes(md5: str) -> Hashes:
+    return Hashes(md5=md5, pdq="0" * 64, pdq_quality=100)
+
+
 def _verdict(image_id: str, event_id: str) -> Verdict:
     return Verdict(event_id=event_id, image_id=image_id, action="allow", label="normal", score=0.1,
-                   source="model", signals=Signals(knn=0.1, cnn=0.1), hashes=Hashes(md5="0" * 32, phash="0" * 16),
+                   source="model", signals=Signals(knn=0.1, cnn=0.1), hashes=_hashes("0" * 32),
                    model_version="test", latency_ms=1.0)
 
 
@@ -305,7 +309,7 @@ def _scored(image_id: str, event_id: str, label: str = "normal", matched: str | 
     action = "allow" if label == "normal" else "block"
     source = "near_duplicate" if matched else "model"
     return Verdict(event_id=event_id, image_id=image_id, action=action, label=label, score=0.2, source=source,
-                   matched_image_id=matched, signals=Signals(), hashes=Hashes(md5=md5, phash="0" * 16),
+                   matched_image_id=matched, signals=Signals(), hashes=_hashes(md5),
                    model_version="test", latency_ms=5.0)
 
 

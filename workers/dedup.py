@@ -130,8 +130,8 @@ class DedupShard:
 
     def _is_new_knowledge(self, entry: Entry) -> bool:
         current = self.state.get(entry.md5)
-        return current is None or (entry.reviewed or not current.reviewed) and (
-            replace(current, added_s=0.0) != replace(entry, added_s=0.0))
+        return current is None or ((entry.reviewed or not current.reviewed) and (
+            replace(current, added_s=0.0) != replace(entry, added_s=0.0)))
 
     def image(self, image_id: str) -> ImageRecord | None:
         return self.state.image(image_id)

@@ -26,6 +26,7 @@ from typing import Any
 
 from kafka import TopicPartition
 from kafka.errors import KafkaTimeoutError
+from pydantic import ValidationError
 
 from common.config import Settings
 from common.dedupstate import REVIEW_ACTIONS
@@ -105,13 +106,19 @@ class RecentVerdicts:
             if new_id in self.reissued:
                 continue
             first = self.first(event_id)
-            found.append(Verdict.model_validate({
-                **first.model_dump(by_alias=True),
+            fields = first.model_dump(by_alias=True)
+            if "bank" in fields:  # a bank is named only by hash_bank verdicts
+                fields["bank"] = None
+            fields.update({
                 "event_id": new_id, "action": action, "label": decision.label, "score": score,
                 "source": "review_cache", "matched_image_id": decision.image_id,
                 "signals": {}, "supersedes": event_id, "ts": utc_timestamp(),
                 "latency_ms": first.latency_ms + max(0, now_ms - scored.first_ms),
-            }))
+            })
+            try:
+                found.append(Verdict.model_validate(fields))
+            except ValidationError:  # never let one correction hold up the review itself
+                log.exception("cannot re-issue the verdict of %s", event_id)
         return found
 
 

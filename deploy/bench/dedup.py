@@ -54,18 +54,18 @@ def run(args: argparse.Namespace, settings: Settings) -> SuiteResult:
     profile = photos.distance_profile(photos.members(300))
     _restore_table(result, RESTORE_IMAGES.pick(None, args.quick), args.seed)
     result.notes += [
-        "timed queries: half copies of stored hashes, half hashes of never-seen images; the linear scan is numpy "
-        "XOR + bitwise_count over every stored hash (common.hashindex.distances_to)",
-        f"copies found / unseen matched: {RATE_QUERIES.full:,} of each ({RATE_QUERIES.quick} with --quick), "
-        "answered by the index (exact: see same answers)",
+        ("timed queries: half copies of stored hashes, half hashes of never-seen images; the linear scan is numpy "
+         "XOR + bitwise_count over every stored hash (common.hashindex.distances_to)"),
+        (f"copies found / unseen matched: {RATE_QUERIES.full:,} of each ({RATE_QUERIES.quick} with --quick), "
+         "answered by the index (exact: see same answers)"),
         "same answers: the index returned exactly the linear scan's (id, distance) list for every query",
-        "photos corpus (deploy/bench/phashes.py): real PDQs of random crops of scikit-image photographs as scene "
-        "centres, members with each bit flipped with probability 1/4; copies moved by real copy distances. "
-        "Pairwise distances: " + ", ".join(f"{name} {value:.0f}" for name, value in profile.items()),
-        "restore: a shard rebuilds DedupState from changelog records (JSON, as written by remember_many: one "
-        "per new verdict and one per new image); with its own partitions only, a shard replays 1/shards of them. "
-        "Kafka fetch time is not included. bytes/image: DedupState.nbytes (arrays incl. spare capacity, key "
-        "tables, PDQ index, ids) per remembered verdict + image record",
+        ("photos corpus (deploy/bench/phashes.py): real PDQs of random crops of scikit-image photographs as scene "
+         "centres, members with each bit flipped with probability 1/4; copies moved by real copy distances. "
+         "Pairwise distances: " + ", ".join(f"{name} {value:.0f}" for name, value in profile.items())),
+        ("restore: a shard rebuilds DedupState from changelog records (JSON, as written by remember_many: one "
+         "per new verdict and one per new image); with its own partitions only, a shard replays 1/shards of them. "
+         "Kafka fetch time is not included. bytes/image: DedupState.nbytes (arrays incl. spare capacity, key "
+         "tables, PDQ index, ids) per remembered verdict + image record"),
         f"pipeline.pdq_max_distance here: {pipeline_distance}",
     ]
     return result

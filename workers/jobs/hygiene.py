@@ -235,10 +235,10 @@ def write_report(folder: Path, summary: dict[str, Any], checked: Sequence[Checke
         "# Dataset hygiene", "",
         f"{summary['files']} files scanned.", "",
         reporting.markdown_table(["status", "files"], status_rows), "",
-        f"Unreadable by reason: {summary['unreadable_reasons'] or 'none'}. "
-        f"Placeholder files: {summary['status'].get('placeholder', 0)} "
-        f"({len(summary['placeholder_hashes'])} distinct image(s) repeated {placeholder_min}+ times). "
-        f"Images in near-duplicate groups: {summary['images_in_near_duplicate_groups']}.", "",
+        (f"Unreadable by reason: {summary['unreadable_reasons'] or 'none'}. "
+         f"Placeholder files: {summary['status'].get('placeholder', 0)} "
+         f"({len(summary['placeholder_hashes'])} distinct image(s) repeated {placeholder_min}+ times). "
+         f"Images in near-duplicate groups: {summary['images_in_near_duplicate_groups']}."), "",
         "## Leakage across the given splits", "",
         (reporting.markdown_table(["image", "split", "duplicate of"],
                                   [(row["image"], row["split"], row["duplicate_of"]) for row in leakage[:50]])
