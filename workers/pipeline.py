@@ -2,8 +2,9 @@
 
 Order matters: topics exist before anyone subscribes, the bundle is resolved
 once (so every actor loads the same one), state actors finish restoring
-before ingest starts asking them, and ingest stops (draining and committing)
-before anything it calls goes away.
+before ingest starts asking them, review feedback exists before ingest (each
+batch waits, bounded, for the reviews published before it), and ingest stops
+(draining and committing) before anything it calls goes away.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ class Pipeline:
         return self
 
     def _new_ingest(self, index: int) -> Any:
-        return Ingest.options(**ACTOR_OPTIONS).remote(self.settings, self.shards, self.knn_replicas, index)
+        return Ingest.options(**ACTOR_OPTIONS).remote(self.settings, self.shards, self.knn_replicas, self.review,
+                                                      index)
 
     def stats(self) -> dict[str, Any]:
         """Counts summed over ingest actors; ``idle_for_s`` is the least idle actor's."""
@@ -83,8 +85,8 @@ class Pipeline:
         while not should_stop():
             try:
                 stats = self.stats()
-            except ray.exceptions.RayActorError:
-                time.sleep(poll_s)  # an ingest actor is restarting
+            except ray.exceptions.RayError:
+                time.sleep(poll_s)  # an ingest actor is restarting, or failing its health check before it does
                 continue
             if stats["idle"] and stats["idle_for_s"] >= idle_s:
                 return
