@@ -133,11 +133,11 @@ class _CommitOnRevoke(AsyncConsumerRebalanceListener):
 class KafkaSource:
     """Owns the consumer; call everything but ``settle`` from one thread (the poll thread)."""
 
-    def __init__(self, settings: Settings, drained: Callable[[], bool]) -> None:
+    def __init__(self, settings: Settings, drained: Callable[[], bool], consumer: Any = None) -> None:
         self.settings = settings
         self.drained = drained
         self.ledger = CommitLedger()
-        self.consumer = make_consumer(settings, topics=None, group_id=settings.kafka.group_id)
+        self.consumer = consumer or make_consumer(settings, topics=None, group_id=settings.kafka.group_id)
         self.consumer.subscribe([settings.topics.uploads], listener=_CommitOnRevoke(self))
         self._next_lag_report = 0.0
 
