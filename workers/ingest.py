@@ -157,6 +157,7 @@ class IngestWorker:
 
     def _poll_loop(self) -> None:
         self.source = source = KafkaSource(self.settings, self._drained)
+        self.last_activity = time.monotonic()  # idleness counts from joining, not from loading the model
         try:
             while not self.stopping.is_set():
                 source.commit()
