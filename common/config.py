@@ -1,6 +1,10 @@
 """modstream's configuration: one typed model, filled from flags, then
 ``MODSTREAM_*`` environment variables, then a YAML file, then defaults.
 
+Secrets (``SecretStr`` fields) never reach an error message, a log line or a
+repr: configuration errors name the setting, never its value, and the values
+of secrets handed to kafka-python are redacted from its loggers.
+
 The environment is read here and nowhere else. Every setting lives in a
 section; its variable is ``MODSTREAM_<SECTION>_<FIELD>`` in upper case (for
 example ``MODSTREAM_KAFKA_BOOTSTRAP`` or ``MODSTREAM_CLASSIFIER_NUM_GPUS``), its
@@ -10,18 +14,20 @@ maps one-to-one onto the YAML.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from common.errors import ModstreamError
-from common.fetch import LoadLimits
+from common.fetch import EVERYDAY_FORMATS, ImageFormat, LoadLimits
 
 ENV_PREFIX = "MODSTREAM_"
+REDACTED = "**********"  # what pydantic's SecretStr shows, so a redacted log reads like a repr
 
 
 class ConfigError(ModstreamError):
@@ -49,6 +55,10 @@ class TopicConfig(_Section):
     replication_factor: int = Field(1, ge=1)
 
 
+CompressionType = Literal["none", "gzip", "snappy", "lz4", "zstd"]
+COMPRESSION_TYPES: tuple[str, ...] = get_args(CompressionType)
+
+
 class KafkaConfig(_Section):
     """Client settings. ``bootstrap`` empty means: start the embedded broker."""
 
@@ -62,7 +72,11 @@ class KafkaConfig(_Section):
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
-    # The embedded broker joins a group in about session_timeout_ms / 2 (FACTS.md).
+    # Of modstream's own output (verdicts, dead letters, changelogs); its consumers read every codec.
+    # zstd: the smallest batches for a few microseconds of CPU per record (`modstream bench compression`,
+    # README "The broker"); gzip for consumers whose client lacks zstd.
+    compression_type: CompressionType = "zstd"
+    # The embedded broker joins a group in about session_timeout_ms / 2 (README, "The broker").
     session_timeout_ms: int = Field(6000, ge=1000)
     heartbeat_interval_ms: int = Field(1000, ge=100)
     max_poll_interval_ms: int = Field(60000, ge=1000)
@@ -73,14 +87,41 @@ class KafkaConfig(_Section):
 
 
 class LimitsConfig(_Section):
+    """What one image may cost to fetch and decode (common.fetch.LoadLimits documents each).
+
+    file_roots is empty by default: file:// URIs are refused until folders are named.
+    formats beyond the everyday JPEG, PNG, WebP and GIF (BMP, TIFF, AVIF) must be asked for.
+    Every decode runs in a worker process held to decode_cpu_s of CPU and
+    decode_memory_mb of memory; decode_workers such processes per modstream process.
+    """
+
     max_bytes: int = Field(20 * 1024 * 1024, ge=1)
     max_pixels: int = Field(40_000_000, ge=1)
     fetch_timeout_s: float = Field(10.0, gt=0)
     allow_hosts: tuple[str, ...] = ()
     allow_networks: tuple[str, ...] = ()
     file_roots: tuple[str, ...] = ()
+    http_ports: tuple[int, ...] = (80, 443)
+    formats: tuple[ImageFormat, ...] = EVERYDAY_FORMATS  # type: ignore[assignment]
+    decode_cpu_s: float = Field(2.0, gt=0)
+    decode_memory_mb: int = Field(384, ge=16)
+    decode_workers: int = Field(2, ge=1)
 
-    _split = field_validator("allow_hosts", "allow_networks", "file_roots", mode="before")(_split_csv)
+    _split = field_validator("allow_hosts", "allow_networks", "file_roots", "http_ports", mode="before")(_split_csv)
+
+    @field_validator("formats", mode="before")
+    @classmethod
+    def _format_names(cls, value: Any) -> Any:
+        """Comma-separated or a list, in any case: "jpeg,png,tiff"."""
+        value = _split_csv(value)
+        return tuple(str(name).upper() for name in value) if isinstance(value, list | tuple) else value
+
+    @field_validator("http_ports")
+    @classmethod
+    def _valid_ports(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or any(not 0 < port < 65536 for port in value):
+            raise ValueError("ports are 1..65535, at least one")
+        return value
 
 
 class PipelineConfig(_Section):
@@ -106,13 +147,20 @@ class PipelineConfig(_Section):
 
 
 class ClassifierConfig(_Section):
-    """Ray Serve settings of the CNN deployment (see FACTS.md on batching)."""
+    """Ray Serve settings of the CNN deployment.
 
+    A request is one caller's batch of images, so ``target_ongoing_requests`` and
+    ``max_ongoing_requests`` count batches; None derives them from the batch size
+    (workers.classifier.classifier_options says how).
+    """
+
+    app_name: str = Field("modstream", min_length=1)  # the Serve application holding the Classifier
     num_replicas: int = Field(1, ge=1)
     autoscaling: bool = False
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(4, ge=1)
-    target_ongoing_requests: float = Field(32.0, gt=0)
+    target_ongoing_requests: float | None = Field(None, gt=0)
+    max_ongoing_requests: int | None = Field(None, ge=1)
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     num_gpus: float = Field(0.0, ge=0)
@@ -120,8 +168,10 @@ class ClassifierConfig(_Section):
 
 
 class ThresholdConfig(_Section):
-    block: float = Field(0.9, ge=0, le=1)
-    review: float = Field(0.5, ge=0, le=1)
+    """Overrides of the bundle's block/review thresholds; None (the default) keeps the bundle's."""
+
+    block: float | None = Field(None, ge=0, le=1)
+    review: float | None = Field(None, ge=0, le=1)
 
 
 class Settings(_Section):
@@ -148,7 +198,7 @@ class Settings(_Section):
         optional = {
             "sasl_mechanism": kafka.sasl_mechanism,
             "sasl_plain_username": kafka.sasl_username,
-            "sasl_plain_password": kafka.sasl_password.get_secret_value() if kafka.sasl_password else None,
+            "sasl_plain_password": _unwrap_for_kafka(kafka.sasl_password),
             "ssl_cafile": kafka.ssl_cafile,
             "ssl_certfile": kafka.ssl_certfile,
             "ssl_keyfile": kafka.ssl_keyfile,
@@ -161,11 +211,58 @@ class Settings(_Section):
         limits = self.limits
         return LoadLimits(max_bytes=limits.max_bytes, max_pixels=limits.max_pixels,
                           fetch_timeout_s=limits.fetch_timeout_s, allow_hosts=frozenset(limits.allow_hosts),
-                          allow_networks=limits.allow_networks, file_roots=limits.file_roots)
+                          allow_networks=limits.allow_networks, file_roots=limits.file_roots,
+                          http_ports=limits.http_ports, formats=limits.formats, decode_cpu_s=limits.decode_cpu_s,
+                          decode_memory_bytes=limits.decode_memory_mb * 1024 * 1024,
+                          decode_workers=limits.decode_workers)
 
     def with_bootstrap(self, bootstrap: str) -> Settings:
         """A copy pointing at ``bootstrap`` (used once the embedded broker is up)."""
         return self.model_copy(update={"kafka": self.kafka.model_copy(update={"bootstrap": bootstrap})})
+
+
+class _RedactSecrets(logging.Filter):
+    """Replaces known secret values in the records of the loggers it is attached to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # a malformed call: logging reports it when it formats the record
+            return True
+        if any(secret in message for secret in self.secrets):
+            for secret in self.secrets:
+                message = message.replace(secret, REDACTED)
+            record.msg, record.args = message, ()
+        return True
+
+
+_REDACT_SECRETS = _RedactSecrets()
+
+
+def _unwrap_for_kafka(secret: SecretStr | None) -> str | None:
+    """The value for kafka-python, after making sure kafka-python's loggers cannot show it.
+
+    KafkaAdminClient logs its whole configuration at DEBUG, password included. A
+    filter on a logger only sees that logger's own records, so it goes on every
+    ``kafka.*`` logger that exists (kafka-python creates them at import) and on
+    the admin client's by name.
+    """
+    if secret is None:
+        return None
+    value = secret.get_secret_value()
+    if value:
+        _REDACT_SECRETS.secrets.add(value)
+        names = {"kafka", "kafka.admin.client"} | {name for name in logging.root.manager.loggerDict
+                                                    if name.startswith("kafka.")}
+        for name in names:
+            logger = logging.getLogger(name)
+            if _REDACT_SECRETS not in logger.filters:
+                logger.addFilter(_REDACT_SECRETS)
+    return value
 
 
 _SECTIONS = {name: field.annotation for name, field in Settings.model_fields.items()
@@ -219,23 +316,40 @@ def load_settings(
     config_file = config_file or env.get(ENV_PREFIX + "CONFIG") or None
     layered: dict[str, Any] = {}
     if config_file:
-        try:
-            loaded = yaml.safe_load(Path(config_file).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {config_file} must hold a mapping at the top level")
-        layered = _merge(layered, loaded)
+        layered = _merge(layered, _read_config_file(config_file))
     layered = _merge(layered, _from_env(env))
     layered = _merge(layered, flags or {})
     try:
         return Settings.model_validate(layered)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from exc
+        problem = _describe(exc)
+    # Raised outside the except block: a chained ValidationError would show the input values, secrets included.
+    raise ConfigError(problem)
+
+
+def _read_config_file(config_file: str | Path) -> dict[str, Any]:
+    """The YAML file's mapping. Its errors give the position only: PyYAML's own message
+    quotes the offending line, which may be the one holding a password."""
+    problem = None
+    try:
+        loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+    except OSError as exc:
+        problem = f"cannot read config file {config_file}: {exc.strerror or type(exc).__name__}"
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = (f"cannot read config file {config_file}: not valid YAML{where} "
+                   "(the text is not shown, it may hold a secret)")
+    if problem is not None:  # raised outside the except block, so no chained exception carries the text
+        raise ConfigError(problem)
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {config_file} must hold a mapping at the top level")
+    return loaded
 
 
 def _describe(exc: ValidationError) -> str:
-    """Name each bad setting by its YAML path and its environment variable."""
+    """Name each bad setting by its YAML path and its environment variable; pydantic's
+    messages describe the expected value and never repeat the input."""
     lines = []
     for error in exc.errors():
         location = [str(part) for part in error["loc"]]

@@ -20,20 +20,44 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 from urllib.parse import quote, urljoin, urlsplit
 from urllib.request import url2pathname
 
 from common.loaderrors import LoadError
 
-__all__ = ["LoadError", "LoadLimits", "fetch_bytes"]
+__all__ = ["EVERYDAY_FORMATS", "IMAGE_FORMATS", "ImageFormat", "LoadError", "LoadLimits", "fetch_bytes"]
 
 _CHUNK_BYTES = 64 * 1024
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-_NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
 _USER_AGENT = "modstream-fetch/1"
+_NOT_ALLOWED = "not allowed"  # the whole answer to a refused file://: nothing about the file itself
+
+ImageFormat = Literal["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF"]
+IMAGE_FORMATS: tuple[str, ...] = get_args(ImageFormat)
+"""Every format decode can be allowed to open (Pillow opens more; not worth the exposure)."""
+EVERYDAY_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF")
+"""What users upload, and what decode opens unless told otherwise."""
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# IANA's special-purpose address registries (IPv4 and IPv6, 2025 editions), refused whether or not
+# ipaddress calls them global: no image host lives there, and several reach this machine or its
+# neighbours (::7f00:1 is 127.0.0.1 to some stacks). Embedded IPv4 (mapped, NAT64 64:ff9b::/96,
+# 6to4) is judged as the IPv4 address it carries, in _embedded_ipv4.
+_SPECIAL_PURPOSE: tuple[IpNetwork, ...] = tuple(ipaddress.ip_network(cidr) for cidr in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.0.0.0/24", "192.0.2.0/24", "192.31.196.0/24", "192.52.193.0/24", "192.88.99.0/24",
+    "192.168.0.0/16", "192.175.48.0/24", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24",
+    "224.0.0.0/4", "240.0.0.0/4",
+    "::/8",  # unspecified, loopback, IPv4-compatible (::a.b.c.d), IPv4-translated (::ffff:0:a.b.c.d)
+    "64:ff9b:1::/48", "100::/64", "100:0:0:1::/64", "2001::/23", "2001:db8::/32", "2620:4f:8000::/48",
+    "3fff::/20", "5f00::/16", "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8",
+))
+_IPV4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_SIX_TO_FOUR = ipaddress.ip_network("2002::/16")
 
 
 @dataclass(frozen=True)
@@ -41,8 +65,9 @@ class LoadLimits:
     """Caps on what one image may cost us to fetch and decode.
 
     allow_hosts / allow_networks are the only way to reach addresses that are
-    refused by default (loopback, private, link-local, ...), e.g. an internal CDN.
-    file_roots, when non-empty, confines file:// URIs to those directories.
+    refused by default (loopback, private, link-local, ...), e.g. an internal CDN;
+    http_ports the only ports. file:// reads only below the folders in file_roots
+    (none by default). formats and the decode_* budgets are common.decode's.
     """
 
     max_bytes: int = 20 * 1024 * 1024
@@ -52,6 +77,11 @@ class LoadLimits:
     allow_networks: tuple[str, ...] = ()
     max_redirects: int = 3
     file_roots: tuple[str, ...] = ()
+    http_ports: tuple[int, ...] = (80, 443)
+    formats: tuple[str, ...] = EVERYDAY_FORMATS
+    decode_cpu_s: float = 2.0
+    decode_memory_bytes: int = 384 * 1024 * 1024
+    decode_workers: int = 2
     _networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
         init=False, repr=False, compare=False
     )
@@ -63,33 +93,53 @@ class LoadLimits:
             raise ValueError("fetch_timeout_s must be positive")
         if self.max_redirects < 0:
             raise ValueError("max_redirects must not be negative")
+        if self.decode_cpu_s <= 0 or self.decode_memory_bytes <= 0 or self.decode_workers < 1:
+            raise ValueError("decode_cpu_s, decode_memory_bytes and decode_workers must be positive")
+        unknown = set(self.formats) - set(IMAGE_FORMATS)
+        if unknown:
+            raise ValueError(f"unknown image formats {sorted(unknown)}; known: {', '.join(IMAGE_FORMATS)}")
         # Normalised here so that limits built from config lists stay hashable and comparable.
         object.__setattr__(self, "allow_hosts", frozenset(_normalise_host(h) for h in self.allow_hosts))
         object.__setattr__(self, "allow_networks", tuple(self.allow_networks))
-        object.__setattr__(self, "file_roots", tuple(self.file_roots))
+        object.__setattr__(self, "file_roots", tuple(os.path.abspath(root) for root in self.file_roots))
+        object.__setattr__(self, "http_ports", tuple(self.http_ports))
+        object.__setattr__(self, "formats", tuple(self.formats))
         networks = tuple(ipaddress.ip_network(cidr, strict=False) for cidr in self.allow_networks)
         object.__setattr__(self, "_networks", networks)
 
     def permits_address(self, address: IpAddress) -> bool:
         """Whether a connection to this resolved address is allowed (host allowances aside)."""
-        address = _unmap(address)
-        return not _is_forbidden(address) or any(address in network for network in self._networks)
+        if any(address in network for network in self._networks):
+            return True
+        embedded = _embedded_ipv4(address)
+        if embedded is not None:
+            return self.permits_address(embedded)
+        return not _is_forbidden(address)
 
 
 def fetch_bytes(uri: str, limits: LoadLimits) -> bytes:
     """Return the bytes behind `uri`, never more than limits.max_bytes.
 
-    Raises LoadError: too_large when the object exceeds max_bytes, fetch_failed
-    for everything else (refused address, missing object, timeout, HTTP error).
+    Raises LoadError, and nothing else, whatever the URI: too_large when the
+    object exceeds max_bytes, fetch_failed for everything else (refused address,
+    port or path, missing object, timeout, HTTP error, a URI that does not parse).
     """
     scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
-    if scheme == "file":
-        return _fetch_file(uri, limits)
-    if scheme == "s3":
-        return _fetch_s3(uri, limits)
-    if scheme in ("http", "https"):
-        return _fetch_http(uri, limits)
-    raise LoadError("fetch_failed", f"unsupported URI scheme {scheme!r}")
+    try:
+        if scheme == "file":
+            return _fetch_file(uri, limits)
+        if scheme == "s3":
+            return _fetch_s3(uri, limits)
+        if scheme in ("http", "https"):
+            return _fetch_http(uri, limits)
+    except LoadError:
+        raise
+    except (ValueError, UnicodeError, OSError, http.client.HTTPException) as exc:
+        # The URI and everything a server answers are producer data: a URI or answer the
+        # standard library cannot parse (malformed IPv6 literal, bad percent-escape,
+        # header it rejects) is a failed fetch of that one record, never a crash.
+        raise LoadError("fetch_failed", f"{_shown(uri)}: {type(exc).__name__}: {exc}") from exc
+    raise LoadError("fetch_failed", f"unsupported URI scheme {scheme[:20]!r}")
 
 
 class _Deadline:
@@ -124,41 +174,76 @@ def _read_capped(
 
 
 def _fetch_file(uri: str, limits: LoadLimits) -> bytes:
-    parts = urlsplit(uri)
-    if parts.netloc not in ("", "localhost"):
-        raise LoadError("fetch_failed", f"file URI names a remote host: {uri}")
-    path = url2pathname(parts.path)
-    if not os.path.isabs(path):
-        raise LoadError("fetch_failed", f"file URI path is not absolute: {uri}")
-    # Resolving symlinks costs a syscall per path component under the GIL: only for confinement.
-    resolved = os.path.realpath(path) if limits.file_roots else path
-    if limits.file_roots and not any(_is_within(resolved, root) for root in limits.file_roots):
-        raise LoadError("fetch_failed", f"{path} is outside the allowed file roots")
-    try:
-        # O_NONBLOCK so that a FIFO planted at the path cannot block us in open().
-        fd = os.open(resolved, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise LoadError("fetch_failed", f"cannot open {path}: {exc.strerror}") from exc
+    """Read a file below one of limits.file_roots, never through a symbolic link.
+
+    Every refusal (no roots configured, outside them, missing, a link, not a
+    regular file, unreadable) says only "not allowed", so an event cannot probe
+    the disk. The path is opened component by component relative to the root
+    with O_NOFOLLOW, so swapping a component for a link mid-read cannot escape.
+    """
+    shown = _shown(uri)
+    located = _locate_in_roots(uri, limits.file_roots)
+    if located is None:
+        raise LoadError("fetch_failed", f"{shown}: {_NOT_ALLOWED}")
+    fd = _open_below(*located)
+    if fd is None:
+        raise LoadError("fetch_failed", f"{shown}: {_NOT_ALLOWED}")
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise LoadError("fetch_failed", f"{path} is not a regular file")
+            raise LoadError("fetch_failed", f"{shown}: {_NOT_ALLOWED}")
         if info.st_size > limits.max_bytes:
-            raise LoadError("too_large", f"{path} has {info.st_size} bytes, limit {limits.max_bytes}")
+            raise LoadError("too_large", f"{shown} exceeds {limits.max_bytes} bytes")
         with os.fdopen(fd, "rb", closefd=False) as file:
             data = file.read(limits.max_bytes + 1)  # +1: notice a file that grew since fstat
     except OSError as exc:
-        raise LoadError("fetch_failed", f"cannot read {path}: {exc.strerror}") from exc
+        raise LoadError("fetch_failed", f"{shown}: {_NOT_ALLOWED}") from exc
     finally:
         os.close(fd)
     if len(data) > limits.max_bytes:
-        raise LoadError("too_large", f"{path} exceeds {limits.max_bytes} bytes")
+        raise LoadError("too_large", f"{shown} exceeds {limits.max_bytes} bytes")
     return data
 
 
-def _is_within(path: str, root: str) -> bool:
-    real_root = os.path.realpath(root)
-    return os.path.commonpath([path, real_root]) == real_root
+def _locate_in_roots(uri: str, roots: tuple[str, ...]) -> tuple[str, list[str]] | None:
+    """(root, path components below it) for a file:// URI inside a root, else None.
+
+    Lexical only: '..' anywhere is refused outright, so no component can climb out
+    of the root; links are dealt with when opening.
+    """
+    parts = urlsplit(uri)
+    if parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
+        return None
+    path = url2pathname(parts.path)
+    if "\x00" in path or not path.startswith("/"):
+        return None
+    components = [part for part in path.split("/") if part not in ("", ".")]
+    if ".." in components:
+        return None
+    for root in roots:
+        for prefix in dict.fromkeys((root, os.path.realpath(root))):
+            root_parts = [part for part in prefix.split("/") if part]
+            if components[: len(root_parts)] == root_parts and len(components) > len(root_parts):
+                return prefix, components[len(root_parts):]
+    return None
+
+
+def _open_below(root: str, components: list[str]) -> int | None:
+    """A read-only descriptor of root/components, opened without following any link below
+    root (the root itself is the operator's and may be one); None if that is impossible."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+    opened: list[int] = []
+    try:
+        opened.append(os.open(root, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY))
+        for directory in components[:-1]:
+            opened.append(os.open(directory, flags | os.O_DIRECTORY, dir_fd=opened[-1]))
+        # O_NONBLOCK: a FIFO planted at the path cannot block us in open() (fstat refuses it next).
+        return os.open(components[-1], flags | os.O_NONBLOCK, dir_fd=opened[-1])
+    except OSError:
+        return None
+    finally:
+        for fd in opened:
+            os.close(fd)
 
 
 # --- s3:// -----------------------------------------------------------------
@@ -227,6 +312,8 @@ def _http_get_once(url: str, limits: LoadLimits, deadline: _Deadline) -> bytes |
         raise LoadError("fetch_failed", f"invalid port in {shown}") from exc
     if not host:
         raise LoadError("fetch_failed", f"URL has no host: {shown}")
+    if port not in limits.http_ports:
+        raise LoadError("fetch_failed", f"refusing {shown}: port {port} is not allowed")
     addresses = _vetted_addresses(host, port, limits, deadline)
     if deadline.remaining() <= 0:
         raise deadline.timeout_error(shown)
@@ -247,9 +334,8 @@ def _http_get_once(url: str, limits: LoadLimits, deadline: _Deadline) -> bytes |
                 return urljoin(url, location.strip())
             if not 200 <= response.status < 300:
                 raise LoadError("fetch_failed", f"HTTP {response.status} {response.reason} from {shown}")
-            declared = response.getheader("Content-Length", "")
-            if declared.isdigit() and int(declared) > limits.max_bytes:
-                raise LoadError("too_large", f"{shown} declares {declared} bytes, limit {limits.max_bytes}")
+            if _declares_more_than(response.getheader("Content-Length", ""), limits.max_bytes):
+                raise LoadError("too_large", f"{shown} declares more than {limits.max_bytes} bytes")
             body = _read_capped(response.read1, limits, deadline, shown)
     except (OSError, http.client.HTTPException) as exc:
         if watchdog.fired.is_set() or deadline.remaining() <= 0:
@@ -260,6 +346,16 @@ def _http_get_once(url: str, limits: LoadLimits, deadline: _Deadline) -> bytes |
     if watchdog.fired.is_set():  # the socket was cut mid-body, so what we read may be truncated
         raise deadline.timeout_error(shown)
     return body
+
+
+def _declares_more_than(declared: str, limit: int) -> bool:
+    """Whether a Content-Length is a number above limit; a header that is no number is ignored
+    (the capped read still holds). By length first: int() refuses 4,300+ digits."""
+    digits = declared.strip()
+    if not (digits.isascii() and digits.isdigit()):
+        return False
+    digits = digits.lstrip("0") or "0"
+    return len(digits) > len(str(limit)) or int(digits) > limit
 
 
 def _vetted_addresses(host: str, port: int, limits: LoadLimits, deadline: _Deadline) -> list[str]:
@@ -298,22 +394,19 @@ def _resolve(host: str, port: int, deadline: _Deadline) -> list[str]:
 
 
 def _is_forbidden(address: IpAddress) -> bool:
-    """Not globally routable, multicast, or a 6to4/NAT64 wrapper around such an IPv4 address."""
-    if not address.is_global or address.is_multicast:
-        return True
-    if isinstance(address, ipaddress.IPv6Address):
-        if address in _NAT64_PREFIX:
-            return _is_forbidden(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
-        if address.sixtofour is not None:
-            return _is_forbidden(address.sixtofour)
-    return False
+    """Not globally routable, or in a special-purpose range (IANA), multicast included."""
+    return not address.is_global or address.is_multicast or any(address in net for net in _SPECIAL_PURPOSE)
 
 
-def _unmap(address: IpAddress) -> IpAddress:
-    """::ffff:a.b.c.d is a.b.c.d on the wire; judge (and allow) it as such."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
+def _embedded_ipv4(address: IpAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv4-mapped, NAT64 (64:ff9b::/96) or 6to4 IPv6 address reaches."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return None
+    if address in _IPV4_MAPPED or address in _NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if address in _SIX_TO_FOUR:
+        return address.sixtofour
+    return None
 
 
 def _normalise_host(host: str) -> str:
@@ -326,6 +419,17 @@ def _redact(url: str) -> str:
     if "@" not in parts.netloc:
         return url
     return parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]).geturl()
+
+
+def _shown(uri: str, limit: int = 300) -> str:
+    """A URI as an error detail may show it: no credentials, printable, bounded."""
+    try:
+        uri = _redact(uri)
+    except ValueError:  # unparsable: cut any userinfo by hand
+        scheme, sep, rest = uri.partition("://")
+        uri = scheme + sep + rest.rsplit("@", 1)[-1] if sep else uri
+    shown = uri.encode("unicode_escape", "backslashreplace").decode("ascii")
+    return shown if len(shown) <= limit else shown[:limit] + "..."
 
 
 def _connect_pinned(addresses: list[str], port: int, timeout: float) -> socket.socket:

@@ -154,6 +154,27 @@ class Thresholds:
         return action, "adult" if p_adult >= ADULT_MIN else "normal"
 
 
+ThresholdSource = Literal["bundle", "settings", "default"]
+
+
+def applied_thresholds(bundle: Mapping[str, float], block: float | None = None,
+                       review: float | None = None) -> tuple[Thresholds, ThresholdSource]:
+    """The thresholds a verdict uses and where they came from.
+
+    The bundle's own (what ``train fusion`` chose and ``eval`` measured) unless
+    settings override one of them explicitly; a bundle that names none gets
+    modstream's defaults. A mix is checked like any thresholds (review <= block).
+    """
+    defaults = Thresholds()
+    chosen = Thresholds(
+        block=block if block is not None else float(bundle.get("block", defaults.block)),
+        review=review if review is not None else float(bundle.get("review", defaults.review)),
+    )
+    if block is not None or review is not None:
+        return chosen, "settings"
+    return chosen, "bundle" if bundle else "default"
+
+
 def _signal(signals: Mapping[str, float | None], name: str) -> float | None:
     """The signal as a float, or None when it is absent, None or NaN."""
     value = signals.get(name)

@@ -1,26 +1,40 @@
 """Kafka client factories and topic creation, configured once from Settings.
 
 Written for Apache Kafka and checked against the embedded broker, which
-differs in ways that matter (FACTS.md): group joins take session_timeout / 2,
+differs in ways that matter (README, "The broker"): group joins take session_timeout / 2,
 a waiting fetch does not return early, end offsets can be wrong and
 ``read_committed`` is ignored. So: short session timeouts, short fetch waits,
 manual commits after the verdicts are acknowledged, and no reliance on end
 offsets for correctness.
+
+Every consumer loop polls through ``poll_records``: a record batch the client
+cannot decode (an unknown codec, a corrupt compressed payload, a failing CRC)
+is reported and skipped instead of raised, because kafka-python 3.0.12 raises
+it from ``poll`` and then spins on the same batch forever on the next call.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import CorruptRecordError, KafkaError, TopicAlreadyExistsError, UnsupportedCodecError
+from kafka.record.abc import ABCRecordBatch
+from kafka.record.memory_records import MemoryRecords
 
+from common import metrics  # by module: Ray pickles actor classes by value
 from common.config import Settings
 from common.errors import ModstreamError
+
+log = logging.getLogger(__name__)
 
 
 class KafkaSetupError(ModstreamError):
@@ -28,10 +42,12 @@ class KafkaSetupError(ModstreamError):
 
 
 def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
-    """An idempotent producer that waits for all in-sync replicas (acks=all)."""
+    """An idempotent producer that waits for all in-sync replicas (acks=all), compressing as configured."""
+    compression = settings.kafka.compression_type
     config: dict[str, Any] = {
         **settings.kafka_client_kwargs(),
         "acks": "all",
+        "compression_type": None if compression == "none" else compression,
         "enable_idempotence": True,
         "linger_ms": 5,
         "max_request_size": settings.limits.max_bytes * 2,  # inline base64 images are 4/3 larger
@@ -131,6 +147,121 @@ def read_from_beginning(consumer: KafkaConsumer, topics: Iterable[str], timeout_
     consumer.assign(partitions)
     consumer.seek_to_beginning(*partitions)
     return partitions
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A record batch this client could not decode, already skipped.
+
+    ``offset`` is the first offset that could not be read; consumption of the
+    partition resumed at ``next_offset``. Dead-letter it, then treat
+    ``offset`` up to ``next_offset`` as settled when committing.
+    """
+
+    topic: str
+    partition: int
+    offset: int
+    error: str
+    next_offset: int
+
+
+@dataclass(frozen=True)
+class Polled:
+    """One poll: the records in order, and the batches skipped as undecodable.
+
+    Empty in both means idle; a skipped batch is progress, not idleness.
+    """
+
+    records: list[ConsumerRecord]
+    undecodable: list[Undecodable]
+
+    @property
+    def idle(self) -> bool:
+        return not self.records and not self.undecodable
+
+
+_DECODE_ERRORS = (CorruptRecordError, UnsupportedCodecError)
+_MAX_ERROR_CHARS = 500
+
+
+def poll_records(consumer: KafkaConsumer, timeout_ms: int, max_records: int | None = None) -> Polled:
+    """``consumer.poll`` that never raises for a batch it cannot decode.
+
+    Policy: skip and report. A batch this client cannot decode will not
+    decode on a retry (every codec Kafka defines is installed; a stored
+    batch with a bad payload or checksum stays bad), and stopping the
+    partition would halt every upload behind it. So the batch is logged at
+    ERROR with topic, partition and offsets, counted in
+    ``modstream_undecodable_batches_total{topic}``, the partition moves past
+    it, and the caller gets it in ``Polled.undecodable`` to dead-letter.
+    Other partitions keep flowing: their records come back in the same or
+    the next call. Any other error (broker, authorisation, a deserializer)
+    is raised as before.
+    """
+    try:
+        polled = consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+    except Exception as exc:  # noqa: BLE001 - inspected below; anything not a decode failure is re-raised
+        failed = _failed_batch(exc)
+        if failed is None:
+            raise
+        return Polled(records=[], undecodable=[_skip(consumer, exc, *failed)])
+    return Polled(records=[record for records in polled.values() for record in records], undecodable=[])
+
+
+def _failed_batch(exc: BaseException) -> tuple[TopicPartition, ABCRecordBatch | None] | None:
+    """The partition and batch being decoded when ``exc`` was raised, or None if it was not a decode failure.
+
+    kafka-python raises decode errors from inside the record batch's own code
+    (decompression, record parsing) or from the fetcher's unpacking loop,
+    whose frames hold the partition and the batch; the traceback still has
+    them. A deserializer's error is raised elsewhere and is not ours to skip.
+    """
+    frames = list(_frames(exc.__traceback__))
+    inside_batch = any(isinstance(frame.f_locals.get("self"), ABCRecordBatch | MemoryRecords) for frame in frames)
+    if not (inside_batch or isinstance(exc, _DECODE_ERRORS)):
+        return None
+    partition = _innermost(frames, TopicPartition)
+    if partition is None:
+        return None
+    return partition, _innermost(frames, ABCRecordBatch)
+
+
+def _frames(traceback: TracebackType | None) -> Iterable[Any]:
+    """The frames from the raise outwards, without the caller's own (the first)."""
+    frames = []
+    while traceback is not None:
+        frames.append(traceback.tb_frame)
+        traceback = traceback.tb_next
+    return reversed(frames[1:])
+
+
+def _innermost(frames: list[Any], kind: type) -> Any:
+    for frame in frames:
+        for value in list(frame.f_locals.values()):
+            if isinstance(value, kind):
+                return value
+    return None
+
+
+def _skip(consumer: KafkaConsumer, exc: BaseException, partition: TopicPartition,
+          batch: ABCRecordBatch | None) -> Undecodable:
+    """Move ``partition`` past the batch, say so loudly and describe it.
+
+    Seeking also clears the fetcher's half-read batch, which otherwise makes
+    the next ``poll`` spin on it without end.
+    """
+    first = consumer.position(partition)
+    if batch is not None:
+        first = max(first, batch.base_offset)
+    resume = max(batch.next_offset if batch is not None else 0, first + 1)
+    error = str(exc) if str(exc).startswith(type(exc).__name__) else f"{type(exc).__name__}: {exc}"
+    error = error[:_MAX_ERROR_CHARS]
+    log.error("undecodable record batch on topic %s partition %d at offset %d: skipped %d offset(s), "
+              "resuming at %d: %s", partition.topic, partition.partition, first, resume - first, resume, error)
+    metrics.UNDECODABLE_BATCHES.labels(topic=partition.topic).inc()
+    consumer.seek(partition, resume)
+    return Undecodable(topic=partition.topic, partition=partition.partition, offset=first, error=error,
+                       next_offset=resume)
 
 
 def _encode_key(key: str | bytes | None) -> bytes | None:

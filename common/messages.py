@@ -244,6 +244,10 @@ class Signals(_Record):
     hamming: Annotated[int, Field(ge=0, le=64)] | None = Field(
         None, description="pHash distance to the matched image, for near duplicates."
     )
+    thresholds: Literal["bundle", "settings", "default"] | None = Field(
+        None, description="Where the block/review thresholds of a model verdict came from: the bundle named by "
+        "model_version, settings overriding it, or defaults for a bundle that names none.",
+    )
 
 
 class Hashes(_Record):

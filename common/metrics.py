@@ -29,6 +29,9 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 EVENTS_CONSUMED = Counter("modstream_events_consumed", "Upload records consumed (valid or not).", ["topic"])
 VERDICTS = Counter("modstream_verdicts", "Verdicts published.", ["action", "source"])
 DEAD_LETTERS = Counter("modstream_dead_letters", "Records sent to the dead-letter topic.", ["reason"])
+UNDECODABLE_BATCHES = Counter("modstream_undecodable_batches",
+                              "Record batches the Kafka client could not decode (skipped and dead-lettered).",
+                              ["topic"])
 DEDUP_LOOKUPS = Counter("modstream_dedup_lookups", "Dedup lookups by outcome.", ["result"])
 REVIEWS_APPLIED = Counter("modstream_reviews_applied", "Human review decisions applied.", ["label"])
 STAGE_LATENCY = Histogram("modstream_stage_latency_seconds",

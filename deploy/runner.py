@@ -4,8 +4,6 @@ configured, a local Ray (or ``ray_address``), clean stop on SIGTERM/Ctrl-C."""
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
 import signal
 import sys
 import threading
@@ -13,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from common.config import Settings
+from common.raysession import ray_session
 
 
 @contextlib.contextmanager
@@ -26,27 +25,6 @@ def kafka_for(settings: Settings) -> Iterator[Settings]:
     with EmbeddedBroker() as broker:
         print(f"embedded broker at {broker.bootstrap}", file=sys.stderr)
         yield settings.with_bootstrap(broker.bootstrap)
-
-
-@contextlib.contextmanager
-def ray_for(settings: Settings) -> Iterator[None]:
-    """Connect to ``ray_address`` or start a quiet local Ray for this process."""
-    from common.metrics import MULTIPROC_ENV, prepare_multiprocess_dir, serve_metrics
-
-    metrics_dir = os.environ.get(MULTIPROC_ENV) or prepare_multiprocess_dir()
-    import ray
-
-    env = {MULTIPROC_ENV: metrics_dir, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    # "local": a Ray of our own unless told otherwise; never join some other local session by surprise.
-    ray.init(address=settings.ray_address or "local", logging_level=logging.WARNING, log_to_driver=False,
-             include_dashboard=False, runtime_env={"env_vars": env})
-    if settings.metrics_port:
-        serve_metrics(settings.metrics_port, path=metrics_dir)
-        print(f"metrics on http://0.0.0.0:{settings.metrics_port}/metrics", file=sys.stderr)
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 @contextlib.contextmanager
@@ -65,7 +43,8 @@ def run_pipeline(settings: Settings, exit_when_idle: float | None) -> dict[str, 
     """Run until a signal, or until idle for ``exit_when_idle`` seconds; return the totals."""
     from workers.pipeline import Pipeline
 
-    with kafka_for(settings) as settings, ray_for(settings), stop_on_signals() as stop:
+    with kafka_for(settings) as settings, ray_session(settings.ray_address, settings.metrics_port), \
+            stop_on_signals() as stop:
         pipeline = Pipeline(settings).start()
         print(f"pipeline running: bundle {pipeline.bundle_id}, consuming {settings.topics.uploads} "
               f"from {settings.kafka.bootstrap}", file=sys.stderr, flush=True)

@@ -70,4 +70,5 @@ class PipelineController:
 def app_builder(args: dict[str, Any]) -> serve.Application:
     config_file = args.get("config_file") or os.environ.get("MODSTREAM_CONFIG", "")
     settings = load_settings(config_file=config_file or None)
-    return PipelineController.bind(classifier_app(settings.bundle, settings.classifier), config_file)
+    classifier = classifier_app(settings.bundle, settings.classifier, settings.pipeline.poll_records)
+    return PipelineController.bind(classifier, config_file)

@@ -36,8 +36,11 @@ def broker() -> Iterator[EmbeddedBroker]:
 
 
 @pytest.fixture
-def make_settings(broker: EmbeddedBroker, modstream_home: Path) -> Callable[..., Settings]:
-    """Settings on the session broker with topics and group unique to this call."""
+def make_settings(broker: EmbeddedBroker, modstream_home: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Settings]:
+    """Settings on the session broker with topics and group unique to this call; file:// URIs
+    may point into the sample images and every temporary folder of this test session."""
+    file_roots = [str(tmp_path_factory.getbasetemp()), str(Path(__file__).resolve().parents[1] / "deploy" / "samples")]
 
     def factory(**sections: dict) -> Settings:
         tag = uuid.uuid4().hex[:8]
@@ -45,6 +48,7 @@ def make_settings(broker: EmbeddedBroker, modstream_home: Path) -> Callable[...,
             "kafka": {"bootstrap": broker.bootstrap, "group_id": f"g-{tag}"},
             "topics": {"uploads": f"up-{tag}", "verdicts": f"ver-{tag}", "reviews": f"rev-{tag}",
                        "dlq": f"dlq-{tag}", "state_prefix": f"state-{tag}", "partitions": 2},
+            "limits": {"file_roots": file_roots},
         }
         for name, values in sections.items():
             flags[name] = {**flags.get(name, {}), **values}

@@ -1,4 +1,5 @@
-"""Find and run the chart tools that .ci/install-tools.sh installs into .tools/.
+"""Find and run the chart tools that .ci/install-tools.sh installs into .tools/, and locate the
+CRD fixtures the chart is validated against.
 
 In CI (``CI`` set) a missing tool fails the test that needs it, because a check
 that silently skips never runs; on a developer's machine it skips with the
@@ -16,6 +17,8 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOOLS_BIN = REPO_ROOT / ".tools" / "bin"
+# Upstream KubeRay and Strimzi CRDs, kept in the repository so the chart tests need nothing beside it.
+CRDS_DIR = REPO_ROOT / "tests" / "fixtures" / "crds"
 INSTALL_HINT = "install the chart tools with: bash .ci/install-tools.sh"
 
 

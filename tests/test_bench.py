@@ -105,3 +105,16 @@ def test_quick_ray_suites(ray_cluster, broker, tmp_path: Path, capsys: pytest.Ca
     assert _column(costs, "stage")[-1] == "total"
     assert all(value > 0 for value in _column(memory, "MB"))
     assert len(pipeline["goals"]) == 5
+
+
+def test_quick_compression_suite(broker, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every codec round-trips through the broker; the byte counts (exact, not timings) shrink."""
+    document, printed = _run(["compression", "--bootstrap", broker.bootstrap], tmp_path, capsys)
+    suite = _suite(document, "compression")
+    _check_shape(suite, printed)
+    table = suite["tables"][0]
+    rows = {(row["workload"], row["codec"]): row for row in table["rows"]}
+    assert set(rows) == {(workload, codec) for workload in ("verdicts", "dead letters")
+                         for codec in ("none", "gzip", "snappy", "lz4", "zstd")}
+    for (_, codec), row in rows.items():
+        assert (row["vs none"] == 1.0) if codec == "none" else (row["vs none"] < 0.8), codec

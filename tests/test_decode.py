@@ -13,10 +13,11 @@ import pytest
 from PIL import Image, features
 
 from common.decode import decode_image, to_rgb
-from common.fetch import LoadLimits
+from common.fetch import IMAGE_FORMATS, LoadLimits
 from common.loaderrors import LoadError
 
 LIMITS = LoadLimits()
+EVERY_FORMAT = LoadLimits(formats=IMAGE_FORMATS)
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
 
@@ -113,6 +114,15 @@ def test_bomb_is_too_large_even_when_pillows_own_guard_is_off(
     assert reason_of(png_bomb) == "too_large"
 
 
+@pytest.mark.parametrize("fmt", ["BMP", "TIFF"])
+def test_formats_beyond_the_everyday_ones_are_off_unless_allowed(fmt: str) -> None:
+    data = encode(Image.new("RGB", (8, 8), RED), fmt)
+    error = pytest.raises(LoadError, decode_image, data, LIMITS).value
+    assert error.reason == "unsupported_format"
+    assert "limits.formats" in error.detail
+    assert decode_image(data, LoadLimits(formats=("JPEG", fmt))).getpixel((4, 4)) == RED
+
+
 def test_pixel_limit_is_checked_from_the_header_before_any_pixel_is_decoded() -> None:
     # 8000x6250 = 50 Mpx: above our default limit, below Pillow's own. The pixel data is
     # garbage, so decoding would say decode_failed: too_large proves the header check ran first.
@@ -142,13 +152,13 @@ def test_cmyk_jpeg_becomes_rgb() -> None:
 )
 def test_sixteen_bit_grey_is_scaled_not_clipped(fmt: str, dtype: str) -> None:
     samples = np.array([[0, 1000, 32768, 65535]], dtype=dtype)
-    image = decode_image(encode(Image.fromarray(samples), fmt), LIMITS)
+    image = decode_image(encode(Image.fromarray(samples), fmt), EVERY_FORMAT)
     assert [image.getpixel((x, 0)) for x in range(4)] == [(0, 0, 0), (3, 3, 3), (128,) * 3, (255,) * 3]
 
 
 def test_float_tiff_in_unit_range_is_scaled() -> None:
     samples = np.array([[0.0, 0.5, 1.0]], dtype=np.float32)
-    image = decode_image(encode(Image.fromarray(samples, "F"), "TIFF"), LIMITS)
+    image = decode_image(encode(Image.fromarray(samples, "F"), "TIFF"), EVERY_FORMAT)
     assert [image.getpixel((x, 0))[0] for x in range(3)] == [0, 128, 255]
 
 

@@ -297,8 +297,9 @@ def test_generator_reproduces_the_checked_in_samples(checked_in_samples: dict[st
 
 
 def test_generator_is_deterministic() -> None:
-    assert make_samples.encode_jpeg(make_samples.render("city-01")) == make_samples.encode_jpeg(
-        make_samples.render("city-01")
+    first = next(iter(make_samples.SCENES))
+    assert make_samples.encode_jpeg(make_samples.render(first)) == make_samples.encode_jpeg(
+        make_samples.render(first)
     )
 
 

@@ -24,7 +24,6 @@ from common.loaderrors import LoadError
 
 PAYLOAD = bytes(range(256)) * 40  # 10 KiB
 DEFAULT = LoadLimits()
-LOCAL = LoadLimits(allow_hosts=frozenset({"127.0.0.1"}))
 SMALL_CAP = 64 * 1024
 DRIP_INTERVAL_S = 0.05
 SERVER_PATIENCE_S = 60.0  # longer than HOSTILE_TEST_TIMEOUT_S: a client without guards fails
@@ -142,6 +141,11 @@ def connections(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
     return attempts
 
 
+def local(server: str, **options: Any) -> LoadLimits:
+    """Limits that admit the test server: its address and its port."""
+    return LoadLimits(allow_hosts=frozenset({"127.0.0.1"}), http_ports=(urlsplit(server).port,), **options)
+
+
 def failure(uri: str, limits: LoadLimits = DEFAULT) -> LoadError:
     with pytest.raises(LoadError) as caught:
         fetch_bytes(uri, limits)
@@ -181,7 +185,7 @@ def test_unknown_scheme_is_fetch_failed() -> None:
 
 
 def test_local_server_is_refused_by_default(server: str) -> None:
-    error = failure(f"{server}/image")
+    error = failure(f"{server}/image", LoadLimits(http_ports=(urlsplit(server).port,)))
     assert error.reason == "fetch_failed"
     assert "non-public address 127.0.0.1" in error.detail
 
@@ -268,16 +272,17 @@ def test_unresolvable_name_is_fetch_failed(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_allow_hosts_admits_a_local_server(server: str) -> None:
-    assert fetch_bytes(f"{server}/image", LOCAL) == PAYLOAD
+    assert fetch_bytes(f"{server}/image", local(server)) == PAYLOAD
 
 
 def test_allow_networks_admits_a_local_server(server: str) -> None:
-    assert fetch_bytes(f"{server}/image", LoadLimits(allow_networks=("127.0.0.0/8",))) == PAYLOAD
+    limits = LoadLimits(allow_networks=("127.0.0.0/8",), http_ports=(urlsplit(server).port,))
+    assert fetch_bytes(f"{server}/image", limits) == PAYLOAD
 
 
 def test_host_header_keeps_the_name_while_connecting_to_its_address(server: str) -> None:
     port = urlsplit(server).port
-    limits = LoadLimits(allow_hosts=frozenset({"localhost"}))
+    limits = LoadLimits(allow_hosts=frozenset({"localhost"}), http_ports=(port,))
     assert fetch_bytes(f"http://localhost:{port}/echo-host", limits) == f"localhost:{port}".encode()
 
 
@@ -293,16 +298,18 @@ def test_host_header_keeps_the_name_while_connecting_to_its_address(server: str)
     ],
 )
 def test_redirect_to_a_forbidden_target_is_refused(server: str, target: str, expected_detail: str) -> None:
-    target = target.format(port=urlsplit(server).port)
-    error = failure(f"{server}/redirect?to={target}", LOCAL)
+    port = urlsplit(server).port
+    target = target.format(port=port)
+    limits = LoadLimits(allow_hosts=frozenset({"127.0.0.1"}), http_ports=(port, 80))
+    error = failure(f"{server}/redirect?to={target}", limits)
     assert error.reason == "fetch_failed"
     assert expected_detail in error.detail
 
 
 def test_redirects_are_followed_up_to_the_limit(server: str) -> None:
-    three = LoadLimits(allow_hosts=LOCAL.allow_hosts, max_redirects=3)
+    three = local(server, max_redirects=3)
     assert fetch_bytes(f"{server}/chain/2", three) == PAYLOAD
-    error = failure(f"{server}/chain/2", LoadLimits(allow_hosts=LOCAL.allow_hosts, max_redirects=2))
+    error = failure(f"{server}/chain/2", local(server, max_redirects=2))
     assert "more than 2 redirects" in error.detail
 
 
@@ -312,7 +319,7 @@ def test_redirects_are_followed_up_to_the_limit(server: str) -> None:
 @pytest.mark.timeout(HOSTILE_TEST_TIMEOUT_S)
 @pytest.mark.parametrize("route", ["big-declared", "big-chunked", "big-until-close"])
 def test_oversized_body_is_cut_off(server: str, route: str) -> None:
-    limits = LoadLimits(allow_hosts=LOCAL.allow_hosts, max_bytes=SMALL_CAP)
+    limits = local(server, max_bytes=SMALL_CAP)
     assert failure(f"{server}/{route}", limits).reason == "too_large"
 
 
@@ -320,64 +327,269 @@ def test_oversized_body_is_cut_off(server: str, route: str) -> None:
 @pytest.mark.parametrize("route", ["drip-body", "drip-headers"])
 def test_slow_drip_is_cut_off_by_the_total_deadline(server: str, route: str) -> None:
     # Each byte arrives well within any per-read timeout; only a total deadline stops this.
-    limits = LoadLimits(allow_hosts=LOCAL.allow_hosts, fetch_timeout_s=0.5)
+    limits = local(server, fetch_timeout_s=0.5)
     error = failure(f"{server}/{route}", limits)
     assert error.reason == "fetch_failed"
     assert "timed out" in error.detail
 
 
 def test_http_error_status_is_fetch_failed(server: str) -> None:
-    error = failure(f"{server}/missing", LOCAL)
+    error = failure(f"{server}/missing", local(server))
     assert error.reason == "fetch_failed"
     assert "404" in error.detail
 
 
 def test_credentials_in_the_url_stay_out_of_the_detail(server: str) -> None:
     port = urlsplit(server).port
-    error = failure(f"http://user:secret@127.0.0.1:{port}/missing", LOCAL)
+    error = failure(f"http://user:secret@127.0.0.1:{port}/missing", local(server))
     assert "secret" not in error.detail
 
 
 # --- file:// -------------------------------------------------------------------
 
 
-def test_file_is_read(tmp_path: Path) -> None:
-    image = tmp_path / "a b.jpg"
+def in_root(root: Path, **options: Any) -> LoadLimits:
+    return LoadLimits(file_roots=(str(root),), **options)
+
+
+def test_file_is_read_below_a_root(tmp_path: Path) -> None:
+    (tmp_path / "sub dir").mkdir()
+    image = tmp_path / "sub dir" / "a b.jpg"
     image.write_bytes(PAYLOAD)
-    assert fetch_bytes(image.as_uri(), LoadLimits()) == PAYLOAD
+    assert fetch_bytes(image.as_uri(), in_root(tmp_path)) == PAYLOAD
 
 
-def test_missing_file_is_fetch_failed(tmp_path: Path) -> None:
-    assert failure((tmp_path / "nope.jpg").as_uri()).reason == "fetch_failed"
+def test_file_uris_are_refused_without_roots(tmp_path: Path) -> None:
+    image = tmp_path / "a.jpg"
+    image.write_bytes(PAYLOAD)
+    for uri in (image.as_uri(), "file:///etc/passwd", "file:///proc/self/environ"):
+        error = failure(uri)
+        assert error.reason == "fetch_failed"
+        assert error.detail.endswith("not allowed")
 
 
 def test_file_over_the_cap_is_too_large(tmp_path: Path) -> None:
     image = tmp_path / "a.jpg"
     image.write_bytes(b"x" * 11)
-    assert failure(image.as_uri(), LoadLimits(max_bytes=10)).reason == "too_large"
-    assert fetch_bytes(image.as_uri(), LoadLimits(max_bytes=11)) == b"x" * 11
+    error = failure(image.as_uri(), in_root(tmp_path, max_bytes=10))
+    assert error.reason == "too_large"
+    assert "exceeds 10 bytes" in error.detail  # the limit, not the file's size
+    assert fetch_bytes(image.as_uri(), in_root(tmp_path, max_bytes=11)) == b"x" * 11
 
 
-def test_file_roots_confine_paths_even_through_symlinks(tmp_path: Path) -> None:
+def test_refusals_say_nothing_about_the_file(tmp_path: Path) -> None:
+    """Missing, outside, a link, a folder, a FIFO: one answer, so events cannot probe the disk."""
     root, outside = tmp_path / "uploads", tmp_path / "secret"
     root.mkdir()
     outside.mkdir()
     (root / "ok.jpg").write_bytes(PAYLOAD)
-    (outside / "key.pem").write_bytes(b"secret")
+    (outside / "key.pem").write_bytes(b"secret" * 1000)
     (root / "link.jpg").symlink_to(outside / "key.pem")
-    limits = LoadLimits(file_roots=(str(root),))
+    (root / "linked-dir").symlink_to(outside)
+    (root / "inner-link.jpg").symlink_to(root / "ok.jpg")
+    os.mkfifo(root / "pipe")  # opening it for reading would block forever without a writer
+    limits = in_root(root)
     assert fetch_bytes((root / "ok.jpg").as_uri(), limits) == PAYLOAD
-    for sneaky in (outside / "key.pem", root / "link.jpg", root / ".." / "secret" / "key.pem"):
-        error = failure(f"file://{sneaky}", limits)
+    refused = [outside / "key.pem", outside / "missing.jpg", root / "missing.jpg", root / "link.jpg",
+               root / "linked-dir" / "key.pem", root / "inner-link.jpg", root / "pipe", root,
+               root / "sub" / "missing.jpg"]
+    details = set()
+    for path in refused:
+        error = failure(path.as_uri(), limits)
         assert error.reason == "fetch_failed"
-        assert "outside the allowed file roots" in error.detail
+        details.add(error.detail.removeprefix(path.as_uri()))
+    for uri in (f"file://{root}/../secret/key.pem", f"file://{root}/./../secret/key.pem",
+                "file://fileserver/share/a.jpg", "file:relative.jpg", f"file://{root}/ok.jpg?x=1"):
+        error = failure(uri, limits)
+        assert error.reason == "fetch_failed"
+        details.add(error.detail.removeprefix(uri))
+    assert details == {": not allowed"}
 
 
-def test_non_regular_files_and_remote_file_hosts_are_refused(tmp_path: Path) -> None:
-    fifo = tmp_path / "pipe"
-    os.mkfifo(fifo)  # opening it for reading would block forever without a writer
-    for uri in (fifo.as_uri(), tmp_path.as_uri(), "file://fileserver/share/a.jpg", "file:relative.jpg"):
-        assert failure(uri).reason == "fetch_failed"
+def test_a_root_given_through_a_link_still_confines(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "a.jpg").write_bytes(PAYLOAD)
+    (tmp_path / "alias").symlink_to(tmp_path / "real")
+    limits = in_root(tmp_path / "alias")
+    assert fetch_bytes((tmp_path / "alias" / "a.jpg").as_uri(), limits) == PAYLOAD
+    assert fetch_bytes((tmp_path / "real" / "a.jpg").as_uri(), limits) == PAYLOAD
+
+
+def test_a_directory_swapped_for_a_link_after_the_check_is_not_followed(tmp_path: Path) -> None:
+    """The race a resolve-then-open-by-name reader loses: we open relative to the root's descriptor."""
+    root, outside = tmp_path / "uploads", tmp_path / "secret"
+    (root / "day").mkdir(parents=True)
+    outside.mkdir()
+    (root / "day" / "a.jpg").write_bytes(PAYLOAD)
+    (outside / "a.jpg").write_bytes(b"secret")
+    limits = in_root(root)
+    assert fetch_bytes((root / "day" / "a.jpg").as_uri(), limits) == PAYLOAD
+    (root / "day" / "a.jpg").unlink()
+    (root / "day").rmdir()
+    (root / "day").symlink_to(outside)
+    assert failure((root / "day" / "a.jpg").as_uri(), limits).detail.endswith("not allowed")
+
+
+def test_a_file_deleted_between_listing_and_reading_is_fetch_failed(tmp_path: Path) -> None:
+    limits = in_root(tmp_path)
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                (tmp_path / "flicker.jpg").write_bytes(PAYLOAD)
+                (tmp_path / "flicker.jpg").unlink()
+
+    thread = threading.Thread(target=churn, daemon=True)
+    thread.start()
+    try:
+        for _ in range(300):
+            with contextlib.suppress(LoadError):  # either outcome is fine; any other exception is not
+                assert fetch_bytes((tmp_path / "flicker.jpg").as_uri(), limits) in (PAYLOAD, b"")
+    finally:
+        stop.set()
+        thread.join()
+
+
+# --- hostile URIs: every one is a LoadError, nothing else escapes ------------------
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "file:///tmp/a%00b.jpg",
+        "file:///tmp/a\x00b.jpg",
+        "file://[/x",
+        "file://[::1/x",
+        "file:///%ff%fe.jpg",
+        "file://" + "/a" * 5000,
+        "http://[::1/x",
+        "https://[::1]:99999/x",
+        "http://[v1.x]/x",
+        "http://a\x00b/x",
+        "http://exa mple.com/x",
+        "http://" + "a" * 300 + ".com/x",
+        "http://\udcff.com/x",
+        "http://:80/x",
+        "http:///x",
+        "s3://",
+        "s3:///",
+        "\x00://x",
+        "",
+    ],
+)
+def test_unparsable_uris_are_fetch_failed(uri: str, tmp_path: Path, connections: list[tuple[str, int]]) -> None:
+    error = failure(uri, in_root(tmp_path))
+    assert error.reason == "fetch_failed"
+    assert connections == []
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "[::7f00:1]",  # IPv4-compatible 127.0.0.1
+        "[::ffff:0:7f00:1]",  # IPv4-translated 127.0.0.1
+        "[::ffff:127.0.0.1]",  # IPv4-mapped
+        "[64:ff9b:1::1]",  # local-use NAT64
+        "[64:ff9b::7f00:1]",  # NAT64 of 127.0.0.1
+        "[2002:7f00:1::1]",  # 6to4 of 127.0.0.1
+        "[fec0::1]",  # deprecated site-local
+        "[2001:db8::1]",
+        "[2001::1]",  # Teredo
+        "[3fff::1]",
+        "[5f00::1]",
+        "[100::1]",
+        "192.88.99.1",  # 6to4 relay anycast
+        "192.0.0.170",  # NAT64 discovery
+        "198.18.0.1",
+        "255.255.255.255",
+        "127.1",  # inet_aton shorthand: the resolver turns it into 127.0.0.1
+        "2130706433",  # 127.0.0.1 as one number
+    ],
+)
+def test_special_purpose_addresses_are_refused(host: str, connections: list[tuple[str, int]]) -> None:
+    error = failure(f"http://{host}/a.jpg")
+    assert error.reason == "fetch_failed"
+    assert "non-public" in error.detail
+    assert connections == []
+
+
+def test_public_embedded_ipv4_is_judged_as_the_ipv4_address(connections: list[tuple[str, int]]) -> None:
+    for host in ("[::ffff:93.184.215.14]", "[64:ff9b::5db8:d70e]"):
+        assert "non-public" not in failure(f"http://{host}/a.jpg").detail
+    assert len(connections) == 2
+
+
+@pytest.mark.parametrize("uri", ["http://93.184.215.14:22/a.jpg", "https://93.184.215.14:8443/a.jpg",
+                                 "http://93.184.215.14:443/a.jpg"])
+def test_only_allowed_ports_are_reached(uri: str, connections: list[tuple[str, int]]) -> None:
+    error = failure(uri)
+    if uri.endswith(":443/a.jpg"):  # 443 is allowed for http too; the refused connection is the test's
+        assert connections == [("93.184.215.14", 443)]
+        return
+    assert "port" in error.detail and "not allowed" in error.detail
+    assert connections == []
+    wider = LoadLimits(http_ports=(22, 80, 443, 8443))
+    failure(uri, wider)
+    assert len(connections) == 1
+
+
+class HostileHandler(BaseHTTPRequestHandler):
+    """Answers that the standard library chokes on, one route each."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        """Keep test output clean."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        headers = {
+            "/redirect-bad-ipv6": [("Location", "http://[::1")],
+            "/redirect-null": [("Location", "http://a\x00b/")],
+            "/redirect-file": [("Location", "file:///etc/passwd")],
+            "/redirect-port": [("Location", "http://127.0.0.1:1/x")],
+            "/length-text": [("Content-Length", "ten")],
+            "/length-huge": [("Content-Length", "9" * 4400)],
+            "/length-negative": [("Content-Length", "-5")],
+            "/length-unicode": [("Content-Length", "\u00b2")],
+        }[self.path]
+        status = 302 if self.path.startswith("/redirect") else 200
+        self.wfile.write(f"HTTP/1.1 {status} X\r\n".encode())
+        for name, value in headers:
+            self.wfile.write(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape"))
+        self.wfile.write(b"Connection: close\r\n\r\nbody")
+        self.close_connection = True
+
+
+@pytest.fixture(scope="module")
+def hostile_server() -> Iterator[str]:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), HostileHandler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, name="test-hostile-http", daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
+
+
+@pytest.mark.parametrize(
+    ("route", "reason"),
+    [
+        ("redirect-bad-ipv6", "fetch_failed"),
+        ("redirect-null", "fetch_failed"),
+        ("redirect-file", "fetch_failed"),
+        ("redirect-port", "fetch_failed"),
+        ("length-huge", "too_large"),
+    ],
+)
+def test_hostile_answers_are_load_errors(hostile_server: str, route: str, reason: str) -> None:
+    assert failure(f"{hostile_server}/{route}", local(hostile_server)).reason == reason
+
+
+@pytest.mark.parametrize("route", ["length-text", "length-negative", "length-unicode"])
+def test_a_content_length_that_is_no_number_is_ignored(hostile_server: str, route: str) -> None:
+    assert fetch_bytes(f"{hostile_server}/{route}", local(hostile_server)) == b"body"
 
 
 # --- s3:// -----------------------------------------------------------------------

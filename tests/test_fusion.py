@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.tree import DecisionTreeClassifier
 
-from common.fusion import FusionError, FusionTree, Thresholds
+from common.fusion import FusionError, FusionTree, Thresholds, applied_thresholds
 
 GRID = [0.0, 0.1, 0.29, 0.3, 0.31, 0.5, 0.69, 0.7, 0.71, 0.9, 1.0]
 
@@ -148,3 +148,13 @@ def test_custom_thresholds_and_their_validation() -> None:
         Thresholds().decide(1.2)
     with pytest.raises(FusionError):
         Thresholds().decide(float("nan"))
+
+
+def test_the_bundles_thresholds_apply_unless_settings_override_them() -> None:
+    bundle = {"block": 0.3, "review": 0.1}
+    assert applied_thresholds(bundle) == (Thresholds(block=0.3, review=0.1), "bundle")
+    assert applied_thresholds(bundle, block=0.95) == (Thresholds(block=0.95, review=0.1), "settings")
+    assert applied_thresholds(bundle, review=0.2) == (Thresholds(block=0.3, review=0.2), "settings")
+    assert applied_thresholds({}) == (Thresholds(), "default")
+    with pytest.raises(FusionError, match="review <= block"):
+        applied_thresholds(bundle, review=0.5)  # a mix must still be ordered

@@ -2,15 +2,14 @@
 
 helm lints and renders the chart; core objects (and the Ray pod templates, as
 Pods) are validated against Kubernetes' own schemas by kubernetes-validate; the
-KubeRay and Strimzi resources against the openAPIV3Schema of their CRDs in
-../shared/crds (MODSTREAM_CRDS_DIR overrides it). The tools come from
-.ci/install-tools.sh (see tests/helm_tools.py).
+KubeRay and Strimzi resources against the openAPIV3Schema of their CRDs, copied
+into tests/fixtures/crds (see its README for source and licence). The tools come
+from .ci/install-tools.sh (see tests/helm_tools.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import pytest
 import yaml
 
 from common.config import env_var_name, load_settings
-from tests.helm_tools import REPO_ROOT, Helm, require_tool
+from tests.helm_tools import CRDS_DIR, REPO_ROOT, Helm, require_tool
 
 CHART = REPO_ROOT / "helm" / "modstream"
 GPU_VALUES = CHART / "values-gpu.yaml"
@@ -93,14 +92,6 @@ def chart_config(docs: list[dict[str, Any]]) -> dict[str, Any]:
 
 # --- CRD schemas ---------------------------------------------------------------------------------------
 
-def crds_dir() -> Path:
-    path = Path(os.environ.get("MODSTREAM_CRDS_DIR", REPO_ROOT.parent / "shared" / "crds"))
-    if not all((path / name).is_file() for name in CRD_FILES.values()):
-        pytest.fail(f"CRD files {sorted(CRD_FILES.values())} not found in {path}: "
-                    "set MODSTREAM_CRDS_DIR to the folder holding them (shared/crds)")
-    return path
-
-
 def crd_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
     """A CRD's structural OpenAPI v3 schema as JSON Schema.
 
@@ -133,7 +124,7 @@ def crd_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
 def crd_validators() -> dict[tuple[str, str], jsonschema.Draft7Validator]:
     validators = {}
     for (api_version, kind), filename in CRD_FILES.items():
-        crd = yaml.safe_load((crds_dir() / filename).read_text())
+        crd = yaml.safe_load((CRDS_DIR / filename).read_text())
         group, version = api_version.split("/")
         assert crd["spec"]["group"] == group and crd["spec"]["names"]["kind"] == kind, filename
         (served,) = [v for v in crd["spec"]["versions"] if v["name"] == version and v["served"]]
@@ -185,9 +176,8 @@ def test_values_schema_rejects_bad_values(helm: Helm, setting: str, complaint: s
 
 
 @pytest.mark.parametrize(("settings", "complaint"), [
-    (["config.thresholds.review=0.95"], "config.thresholds.review must not exceed"),
+    (["config.thresholds.block=0.5", "config.thresholds.review=0.95"], "config.thresholds.review must not exceed"),
     (["config.classifier.num_gpus=1"], "needs ray.gpuWorkers.enabled"),
-    (["serve.classifierMaxOngoingRequests=40"], "at least 2 x config.classifier.max_batch_size"),
     (['config.kafka.security_protocol="SASL_SSL"'], "kafkaAuth.existingSecret"),
     (["ray.cpuWorkers.minReplicas=3"], "ray.cpuWorkers needs minReplicas <= replicas <= maxReplicas"),
     (["config.classifier.autoscaling=true", "config.classifier.min_replicas=5"],
@@ -262,7 +252,7 @@ def test_object_names_are_valid_kubernetes_names(rendered: dict[str, list[dict[s
 
 def test_default_render_serves_the_pipeline_on_cpus(rendered: dict[str, list[dict[str, Any]]]) -> None:
     docs = rendered["default"]
-    assert {doc["kind"] for doc in docs} == {"ConfigMap", "ServiceAccount", "RayService"}
+    assert {doc["kind"] for doc in docs} == {"ConfigMap", "ServiceAccount", "RayService", "NetworkPolicy"}
     rayservice = the(docs, "RayService")
     cluster = rayservice["spec"]["rayClusterConfig"]
     assert cluster["rayVersion"] == "2.60.0"
@@ -273,12 +263,9 @@ def test_default_render_serves_the_pipeline_on_cpus(rendered: dict[str, list[dic
     assert app["args"] == {"config_file": "/etc/modstream/config.yaml"}
     deployments = serve_deployments(rayservice)
     assert deployments["PipelineController"]["num_replicas"] == 1
-    classifier = deployments["Classifier"]
-    assert classifier["num_replicas"] == 1 and "autoscaling_config" not in classifier
-    assert classifier["user_config"] == {"max_batch_size": 32, "batch_wait_timeout_s": 0.01}
-    assert classifier["ray_actor_options"] == {"num_gpus": 0, "num_cpus": 1}
-    # FACTS.md: @serve.batch cannot fill a batch larger than max_ongoing_requests.
-    assert classifier["max_ongoing_requests"] == 64
+    # The app builder derives the Classifier's options from config.classifier; the chart sets none.
+    assert "Classifier" not in deployments
+    assert app["name"] == "modstream"
     for pod in pod_templates(rayservice).values():
         for container in pod["spec"]["containers"]:
             assert "nvidia.com/gpu" not in container["resources"]["limits"]
@@ -294,12 +281,7 @@ def test_gpu_render_requests_gpus_for_the_classifier(rendered: dict[str, list[di
     assert gpu_pod["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     assert toleration in gpu_pod["spec"]["tolerations"]
-    classifier = serve_deployments(rayservice)["Classifier"]
-    assert classifier["ray_actor_options"]["num_gpus"] == 1
-    assert classifier["autoscaling_config"] == {
-        "min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 64}
-    assert "num_replicas" not in classifier
-    assert classifier["max_ongoing_requests"] >= 2 * classifier["user_config"]["max_batch_size"]
+    assert "Classifier" not in serve_deployments(rayservice)  # its options come from config.classifier
 
 
 @pytest.mark.parametrize("render", RENDERS)
@@ -318,6 +300,8 @@ def test_config_map_is_a_valid_modstream_config(
     assert settings.topics.state_prefix == values["config"]["topics"]["state_prefix"]
     assert settings.limits.file_roots == tuple(values["config"]["limits"]["file_roots"])
     assert settings.metrics_port == 9100
+    assert settings.classifier.app_name == yaml.safe_load(
+        the(rendered[render], "RayService")["spec"]["serveConfigV2"])["applications"][0]["name"]
     assert settings.kafka.sasl_password is None
     if render == "default":
         assert settings.kafka.sasl_mechanism is None and settings.kafka.ssl_cafile is None
@@ -471,3 +455,106 @@ def test_dockerfiles_pass_hadolint() -> None:
     result = subprocess.run([tool, "--failure-threshold", "info", *map(str, dockerfiles)],
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- network isolation of the Ray pods (NetworkPolicy, dashboard address) ---------------------------------
+
+def _network_policy(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(doc for doc in docs if doc["kind"] == "NetworkPolicy")
+
+
+@pytest.mark.parametrize("render", RENDERS)
+def test_network_policy_admits_only_the_release_the_operator_and_the_scraper(
+        rendered: dict[str, list[dict[str, Any]]], render: str) -> None:
+    docs = rendered[render]
+    spec = _network_policy(docs)["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    selected = spec["podSelector"]["matchLabels"]
+    for group, pod in pod_templates(the(docs, "RayService")).items():
+        assert selected.items() <= pod["metadata"]["labels"].items(), f"{group} pods are not isolated"
+    own, operator, scraper = spec["ingress"]
+    # Ray nodes of this release: any port, but the peer is a pod of this release in this namespace only.
+    assert own == {"from": [{"podSelector": {"matchLabels": selected}}]}
+    assert operator["from"] == [{"namespaceSelector": {},
+                                 "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}]
+    assert operator["ports"] == [{"protocol": "TCP", "port": 8265}]
+    assert scraper["from"][0]["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}
+    assert {port["port"] for port in scraper["ports"]} == {chart_config(docs)["metrics_port"], 8080}
+    ray_ports = {6379, 8265, 10001, 8000}
+    assert not ray_ports & {port["port"] for port in scraper["ports"]}
+    for rule in spec["ingress"]:
+        assert rule.get("from"), "a rule without peers admits every pod in the cluster"
+
+
+def test_network_policy_passes_kubernetes_validate(rendered: dict[str, list[dict[str, Any]]],
+                                                   tmp_path: Path) -> None:
+    tool = require_tool("kubernetes-validate")
+    manifest = tmp_path / "networkpolicy.yaml"
+    manifest.write_text(yaml.safe_dump(_network_policy(rendered["default"])))
+    result = subprocess.run([tool, "--kubernetes-version", KUBE_VERSION, "--strict", str(manifest)],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0 and "passed" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("render", RENDERS)
+def test_ray_dashboard_listens_on_the_pod_address(rendered: dict[str, list[dict[str, Any]]], render: str) -> None:
+    rayservice = the(rendered[render], "RayService")
+    head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head["rayStartParams"]["dashboard-host"] == "$MY_POD_IP"  # KubeRay's bash expands it
+    (container,) = head["template"]["spec"]["containers"]
+    env = {var["name"]: var for var in container["env"]}
+    assert env["MY_POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    # Kubernetes expands $(MY_POD_IP): serve status and ray job inside the pod find the dashboard.
+    assert env["RAY_DASHBOARD_ADDRESS"]["value"] == "http://$(MY_POD_IP):8265"
+    for probe in (container["readinessProbe"], container["livenessProbe"]):
+        command = " ".join(probe["exec"]["command"])
+        assert "http://${MY_POD_IP}:8265/api/gcs_healthz" in command and "localhost:8265" not in command
+    for group, pod in pod_templates(rayservice).items():
+        if group != "head":  # workers run no dashboard: nothing changes there
+            (worker,) = pod["spec"]["containers"]
+            assert "MY_POD_IP" not in {var["name"] for var in worker["env"]} and "readinessProbe" not in worker
+
+
+def test_network_policy_and_dashboard_address_can_be_relaxed(helm: Helm) -> None:
+    result = template(helm, "--set", "networkPolicy.enabled=false", "--set", "ray.head.dashboardHost=0.0.0.0")
+    assert result.returncode == 0, result.stderr
+    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    assert not objects(docs, "NetworkPolicy")
+    head = the(docs, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    assert "readinessProbe" not in head["template"]["spec"]["containers"][0]  # KubeRay's own probes apply
+
+    result = template(helm, "--set", "networkPolicy.prometheus.enabled=false",
+                      "--set-json", 'networkPolicy.extraIngress=[{"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], '
+                                    '"ports": [{"port": 8000}]}]')
+    assert result.returncode == 0, result.stderr
+    ingress = _network_policy([doc for doc in yaml.safe_load_all(result.stdout) if doc])["spec"]["ingress"]
+    assert len(ingress) == 3 and ingress[-1]["ports"] == [{"port": 8000}]
+
+
+def test_dashboard_host_is_set_in_one_place_only(helm: Helm) -> None:
+    result = template(helm, "--set", "ray.head.rayStartParams.dashboard-host=0.0.0.0")
+    assert result.returncode != 0 and "/ray/head/rayStartParams/dashboard-host" in result.stderr
+
+
+@pytest.mark.parametrize("render", RENDERS)
+def test_serve_options_come_from_one_place(rendered: dict[str, list[dict[str, Any]]], render: str,
+                                           tmp_path: Path) -> None:
+    """The Classifier's Serve options are what workers.classifier derives from the ConfigMap's settings."""
+    from deploy.serve_app import app_builder
+    from workers.classifier import classifier_options
+
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(the(rendered[render], "ConfigMap")["data"]["config.yaml"])
+    settings = load_settings(config_file=config_file, env={})
+    application = app_builder({"config_file": str(config_file)})
+    (classifier,) = [arg for arg in application._bound_deployment.init_args if hasattr(arg, "_bound_deployment")]
+    deployment = classifier._bound_deployment
+    expected = classifier_options(settings.classifier, settings.pipeline.poll_records)
+    assert deployment.max_ongoing_requests == expected["max_ongoing_requests"]
+    assert deployment.ray_actor_options["num_gpus"] == settings.classifier.num_gpus
+    assert deployment.user_config == expected["user_config"]
+    if settings.classifier.autoscaling:  # values-gpu.yaml: 64-image batches of 32-image requests: target 2
+        target = expected["autoscaling_config"]["target_ongoing_requests"]
+        assert deployment._deployment_config.autoscaling_config.target_ongoing_requests == target == \
+            settings.classifier.max_batch_size / settings.pipeline.poll_records

@@ -38,7 +38,7 @@ def hostile_corpus(folder: Path) -> list[tuple[str, bytes | None, set[str]]]:
     """(name, record value, acceptable dead-letter reasons), built fresh for each run."""
     empty = folder / "empty.jpg"
     empty.write_bytes(b"")
-    truncated = (SAMPLES / "city-01.jpg").read_bytes()[:2000]
+    truncated = sorted(SAMPLES.glob("*.jpg"))[0].read_bytes()[:2000]
     large = base64.b64encode(os.urandom(700_000)).decode()
     return [
         ("null byte in file uri", as_bytes(upload(uri="file:///tmp/a%00b.jpg")), FETCH),
@@ -97,7 +97,7 @@ def test_hostile_records_never_stop_the_stream_and_run_exits_when_idle(make_sett
     env = {**os.environ, "MODSTREAM_HOME": str(modstream_home), "RAY_ADDRESS": ""}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     run = subprocess.run([sys.executable, "-m", "deploy.cli", "run", "--config", str(config),
-                          "--exit-when-idle", "10"], env=env, capture_output=True, text=True, timeout=600)
+                          "--exit-when-idle", "10"], check=False, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
 
     outputs = Outputs(settings)

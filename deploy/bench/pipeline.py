@@ -24,9 +24,10 @@ from common.bundle import Bundle, resolve_bundle
 from common.config import Settings
 from common.kafkaio import make_producer
 from common.messages import UploadEvent, to_json_bytes
+from common.raysession import ray_session
 from deploy.bench import sizes
 from deploy.bench.baselines import Baselines, measure_baselines
-from deploy.bench.cluster import MemoryPeaks, MemorySampler, gpu_names, ray_session
+from deploy.bench.cluster import MemoryPeaks, MemorySampler, gpu_names
 from deploy.bench.features import parse_size
 from deploy.bench.report import BenchError, Goal, SuiteResult, usable_cpus
 from deploy.bench.verdicts import VerdictCollector
@@ -72,7 +73,9 @@ def run(args: argparse.Namespace, settings: Settings) -> SuiteResult:
         (folder / "images").mkdir()
         workload = build_workload(folder / "images", images, args.dup_ratio, size, args.seed)
         settings = _bench_settings(settings, bundle, gpu=bool(gpus))
-        with ray_session(settings):
+        settings = settings.model_copy(update={"limits": settings.limits.model_copy(  # its events' file:// folder
+            update={"file_roots": (*settings.limits.file_roots, str(folder / "images"))})})
+        with ray_session(settings.ray_address):
             phases, memory = _run_pipeline(settings, workload)
         baselines = measure_baselines(settings, bundle, workload, histograms, args)
     _report(result, phases, memory, baselines, gpu=bool(gpus))

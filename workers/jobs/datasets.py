@@ -15,7 +15,7 @@ import csv
 import io
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -139,8 +139,15 @@ def _absolute(location: str, base: Path) -> str:
 
 
 def read_bytes(uri: str, limits: LoadLimits) -> bytes:
-    """The image's bytes through the pipeline's guarded fetch (size caps, refused addresses)."""
-    return fetch_bytes(uri if "://" in uri else Path(uri).as_uri(), limits)
+    """The image's bytes through the pipeline's guarded fetch (size caps, refused addresses).
+
+    A plain path comes from the operator's own dataset, so its folder is a file root
+    for this read; file:// URIs in a manifest need limits.file_roots like any event's.
+    """
+    if "://" in uri:
+        return fetch_bytes(uri, limits)
+    path = Path(uri).resolve()  # the operator's own links (datasets often are) are followed
+    return fetch_bytes(path.as_uri(), replace(limits, file_roots=(*limits.file_roots, str(path.parent))))
 
 
 def load_image(uri: str, limits: LoadLimits, draft: int) -> tuple[bytes, Image.Image, tuple[int, int]]:

@@ -8,6 +8,12 @@ effect: the share of the dataset, as collected, that a reviewer never sees
 because it is an exact or near copy of an earlier image (the talk: 28 % by MD5
 and 6 % more by a resize-robust ID). Writes report.md, metrics.json and PNG
 plots, and records the summary in the bundle manifest.
+
+``--harmless FOLDER`` adds a false-positive report: every image under FOLDER
+is taken as harmless and scored like production (same input, same kNN search,
+the thresholds the pipeline would apply), and the share flagged at each
+threshold is tabulated per signal and fused, with the images the bundle would
+block or send to review named (false_positives.md / .json).
 """
 
 from __future__ import annotations
@@ -19,11 +25,14 @@ from typing import Any
 import numpy as np
 
 from common.bundle import load_bundle
+from common.config import ThresholdConfig
 from common.features import phash_to_int
 from common.fetch import LoadLimits
+from common.fusion import applied_thresholds
 from common.hashindex import HashIndex
 from workers.jobs import bundles, measures, reporting
 from workers.jobs.datasets import Sample, is_workdir, read_dataset, read_split
+from workers.jobs.errors import JobError
 from workers.jobs.hygiene import (
     DEFAULT_PLACEHOLDER_MIN,
     RECORDS_FILE,
@@ -32,7 +41,7 @@ from workers.jobs.hygiene import (
     read_records,
     scan,
 )
-from workers.jobs.scoring import score_samples
+from workers.jobs.scoring import KnnSearch, score_samples
 
 TABLE_THRESHOLDS = tuple(round(0.1 * step, 1) for step in range(1, 10))
 EVAL_DIR = "eval"
@@ -139,8 +148,8 @@ def write_report(out: Path, metrics: dict[str, Any], title: str) -> None:
     (out / "report.md").write_text("\n".join(lines))
 
 
-def evaluate(dataset: Path, bundle_path: Path, out: Path | None, limits: LoadLimits, draft: int, knn_k: int,
-             max_distance: int, default_thresholds: tuple[float, float],
+def evaluate(dataset: Path, bundle_path: Path, out: Path | None, limits: LoadLimits, draft: int, knn: KnnSearch,
+             max_distance: int, overrides: ThresholdConfig | None = None,
              placeholder_min: int = DEFAULT_PLACEHOLDER_MIN) -> dict[str, Any]:
     """Evaluate on DATASET's test split (a prepared work dir) or on all of a cleaned dataset; returns the
     metrics, also recorded in the manifest under "test" or the dataset's folder name."""
@@ -155,19 +164,99 @@ def evaluate(dataset: Path, bundle_path: Path, out: Path | None, limits: LoadLim
         kept = [item.record for item in analyse(records, placeholder_min, max_distance) if item.status == "kept"]
         samples = [Sample(record.uri, record.label, md5=record.md5) for record in kept]
         name, title = dataset.name, "whole dataset (cleaned)"
-    scores = score_samples(bundle_path, samples, limits, draft, knn_k, desc="score test")
-    thresholds = bundle.manifest.get("thresholds") or {}
-    review = float(thresholds.get("review", default_thresholds[0]))
-    block = float(thresholds.get("block", default_thresholds[1]))
+    scores = score_samples(bundle_path, samples, limits, draft, knn, desc="score test")
+    overrides = overrides or ThresholdConfig()
+    thresholds, source = applied_thresholds(bundle.thresholds, overrides.block, overrides.review)
+    review, block = thresholds.review, thresholds.block
     metrics = compute_metrics(scores.labels, {"knn": scores.knn, "cnn": scores.cnn,
                                               "fused": scores.fused(bundle.load_fusion())}, review, block)
-    metrics.update({"bundle": bundle.id, "dataset": str(dataset), "split": title, "unreadable": scores.unreadable,
-                    "dedup": dedup_effect(records, max_distance), "evaluated": bundles.now()})
+    metrics.update({"thresholds_from": source, "bundle": bundle.id, "dataset": str(dataset), "split": title,
+                    "unreadable": scores.unreadable, "dedup": dedup_effect(records, max_distance),
+                    "evaluated": bundles.now()})
     write_report(out or bundle_path / EVAL_DIR, metrics, title)
     manifest = dict(bundle.manifest)
     manifest["metrics"] = {**manifest.get("metrics", {}), name: _summary(metrics)}
     bundles.commit(bundle_path, manifest)
     return metrics
+
+
+FP_SIGNALS = ("knn", "cnn", "fused")
+HARMLESS_REPORT = "false_positives"
+
+
+def harmless_samples(folder: Path) -> list[Sample]:
+    """Every file under folder (hidden ones skipped), labelled normal."""
+    if not folder.is_dir():
+        raise JobError(f"{folder}: not a folder of harmless images")
+    samples = [Sample(str(file.resolve()), 0) for file in sorted(folder.rglob("*"))
+               if file.is_file() and not file.name.startswith(".")]
+    if not samples:
+        raise JobError(f"{folder}: no images found")
+    return samples
+
+
+def false_positive_rows(signals: Mapping[str, np.ndarray], thresholds: Sequence[float]) -> list[dict[str, Any]]:
+    """Share of harmless images at or above each threshold, per signal; a missing kNN signal flags nothing."""
+    rows = []
+    for threshold in thresholds:
+        row: dict[str, Any] = {"threshold": float(threshold)}
+        for name, scores in signals.items():
+            covered = np.where(np.isnan(scores), -1.0, scores)
+            row[name] = float(np.mean(covered >= threshold)) if len(scores) else 0.0
+        rows.append(row)
+    return rows
+
+
+def false_positives(folder: Path, bundle_path: Path, out: Path | None, limits: LoadLimits, draft: int,
+                    knn: KnnSearch, overrides: ThresholdConfig | None = None) -> dict[str, Any]:
+    """Score every image of a harmless folder and write the false-positive table (the manifest is left alone,
+    so a built-in bundle keeps its id)."""
+    bundle = load_bundle(bundle_path)
+    scores = score_samples(bundle_path, harmless_samples(folder), limits, draft, knn, desc="score harmless")
+    thresholds, source = applied_thresholds(bundle.thresholds, (overrides or ThresholdConfig()).block,
+                                            (overrides or ThresholdConfig()).review)
+    fused = scores.fused(bundle.load_fusion())
+    signals = {"knn": scores.knn, "cnn": scores.cnn, "fused": fused}
+    table = false_positive_rows(signals, sorted({*TABLE_THRESHOLDS, thresholds.review, thresholds.block}))
+    flagged = [{"uri": uri, "knn": None if np.isnan(k) else float(k), "cnn": float(c), "fused": float(f),
+                "action": thresholds.decide(float(f))[0]}
+               for uri, k, c, f in zip(scores.uris, scores.knn, scores.cnn, fused, strict=True)
+               if f >= thresholds.review]
+    result = {"bundle": bundle.id, "folder": str(folder), "images": len(scores.uris),
+              "unreadable": scores.unreadable, "review_threshold": thresholds.review,
+              "block_threshold": thresholds.block, "thresholds_from": source, "table": table, "flagged": flagged,
+              "max": {name: float(np.nanmax(values)) if np.any(~np.isnan(values)) else None
+                      for name, values in signals.items()},
+              "evaluated": bundles.now()}
+    target = out or bundle_path / EVAL_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    reporting.write_json(target / f"{HARMLESS_REPORT}.json", result)
+    (target / f"{HARMLESS_REPORT}.md").write_text(false_positive_markdown(result))
+    return result
+
+
+def false_positive_markdown(result: Mapping[str, Any]) -> str:
+    lines = [
+        f"# False positives on harmless images: {result['folder']}", "",
+        f"Bundle `{result['bundle']}` on {result['images']} harmless images ({result['unreadable']} could not be "
+        f"loaded). Share of them at or above each threshold (a missing kNN signal flags nothing); the pipeline "
+        f"reviews from {result['review_threshold']:.3f} and blocks from {result['block_threshold']:.3f} "
+        f"(thresholds from the {result['thresholds_from']}).", "",
+        reporting.markdown_table(["threshold", *FP_SIGNALS],
+                                 [(row["threshold"], *(row[name] for name in FP_SIGNALS)) for row in result["table"]]),
+        "",
+        "Highest score: " + ", ".join(f"{name} {value:.3f}" if value is not None else f"{name} none"
+                                      for name, value in result["max"].items()), "",
+        "## Harmless images the pipeline would flag", "",
+    ]
+    if result["flagged"]:
+        lines.append(reporting.markdown_table(["image", "action", "fused", "cnn", "knn"],
+                                              [(Path(item["uri"]).name, item["action"], item["fused"], item["cnn"],
+                                                "none" if item["knn"] is None else item["knn"])
+                                               for item in result["flagged"]]))
+    else:
+        lines.append("None.")
+    return "\n".join(lines) + "\n"
 
 
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,9 @@ question; this is the answer for one image at a time.
 
 Frozen graphs name their last convolution in the manifest (``gradcam_tensor``)
 or are searched for their last ReLU; Keras bundles name the backbone layer
-(``gradcam_layer``) or the last layer with a 4-d output is used.
+(``gradcam_layer``) or the last layer with a 4-d output is used. SavedModels
+converted from open_nsfw carry a ``features`` function (the last block's maps)
+and a ``head`` function (maps to probabilities) to differentiate through.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from PIL import Image
 
 from common.bundle import Bundle
 from common.cnn import PREPROCESSING
-from common.features import cnn_input
 from common.fetch import LoadLimits
 from workers.jobs.datasets import load_image
 from workers.jobs.errors import JobError
@@ -37,8 +38,10 @@ def gradcam(bundle: Bundle, image: np.ndarray) -> tuple[np.ndarray, float]:
         maps, gradients, score = _frozen_graph_gradients(bundle, batch)
     elif spec.format == "keras":
         maps, gradients, score = _keras_gradients(bundle, batch)
+    elif spec.format == "saved_model":
+        maps, gradients, score = _saved_model_gradients(bundle, batch)
     else:
-        raise JobError(f"Grad-CAM supports frozen_graph and keras bundles, not {spec.format}")
+        raise JobError(f"Grad-CAM supports frozen_graph, keras and saved_model bundles, not {spec.format}")
     weights = gradients.mean(axis=(0, 1))
     heatmap = np.maximum((maps * weights).sum(axis=-1), 0.0)
     peak = heatmap.max()
@@ -62,6 +65,23 @@ def _frozen_graph_gradients(bundle: Bundle, batch: np.ndarray) -> tuple[np.ndarr
     size = spec.input_size
     wrapped = tf.compat.v1.wrap_function(run, [tf.TensorSpec([None, size, size, 3], tf.float32)])
     maps, gradients, score = wrapped(tf.constant(batch))
+    return np.asarray(maps)[0], np.asarray(gradients)[0], float(np.asarray(score)[0])
+
+
+def _saved_model_gradients(bundle: Bundle, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Maps from the model's ``features`` function, gradient of P(adult) through its ``head``."""
+    import tensorflow as tf
+
+    from common.opennsfw import LAST_MAPS
+
+    loaded = tf.saved_model.load(str(bundle.cnn.path))
+    if not hasattr(loaded, "features") or not hasattr(loaded, "head"):
+        raise JobError("this SavedModel has no features/head functions to explain (convert it with modstream)")
+    maps = loaded.features(tf.constant(batch))[LAST_MAPS]
+    with tf.GradientTape() as tape:
+        tape.watch(maps)
+        score = loaded.head(maps)[:, bundle.cnn.adult_index]
+    gradients = tape.gradient(score, maps)
     return np.asarray(maps)[0], np.asarray(gradients)[0], float(np.asarray(score)[0])
 
 
@@ -117,7 +137,7 @@ def overlay(image: Image.Image, heatmap: np.ndarray) -> Image.Image:
 def explain(image_path: str, bundle: Bundle, out: Path, limits: LoadLimits, draft: int) -> float:
     """Write the overlay PNG for one image; returns P(adult)."""
     _, image, _ = load_image(image_path, limits, draft)
-    heatmap, score = gradcam(bundle, cnn_input(image, bundle.cnn.input_size))
+    heatmap, score = gradcam(bundle, bundle.cnn.model_input(image))
     out.parent.mkdir(parents=True, exist_ok=True)
     overlay(image, heatmap).save(out, format="PNG")
     return score

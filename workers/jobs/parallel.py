@@ -10,11 +10,10 @@ does not flood the object store.
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from common.raysession import ray_session as ray_session  # the job commands' Ray: the one helper
 from workers.jobs.errors import JobError
 
 Item = TypeVar("Item")
@@ -23,26 +22,6 @@ Result = TypeVar("Result")
 MIN_CHUNK = 4
 MAX_CHUNK = 256
 IN_FLIGHT_PER_CPU = 2
-
-
-@contextmanager
-def ray_session(address: str = "") -> Iterator[None]:
-    """Use the Ray this process already has (tests, notebooks), else join address or start a local one.
-
-    Never ray.init() without an address: that joins whichever cluster ``ray start`` last left in /tmp/ray,
-    possibly someone else's that is about to go away.
-    """
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    ray.init(address=address or "local", include_dashboard=False,
-             runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}})
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def cluster_cpus() -> int:

@@ -2,8 +2,9 @@
 
 Each task loads the bundle once per worker process (cached by bundle id, so a
 rebuilt bundle at the same path is reloaded) and decodes images exactly as the
-pipeline's ingest does. kNN uses the pipeline's k (settings.pipeline.knn_k), so
-offline scores are the scores the pipeline will compute.
+pipeline's ingest does. kNN searches with the pipeline's k and ef
+(settings.pipeline.knn_k / knn_ef, applied with configure_search as the kNN
+replicas do), so offline scores are the scores the pipeline will compute.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import numpy as np
 
 from common.bundle import load_bundle
 from common.cnn import CnnModel
-from common.features import cnn_input, color_histogram
+from common.config import Settings
+from common.features import color_histogram
 from common.fetch import LoadLimits
 from common.fusion import FusionTree
 from common.knn import ReferenceIndex
@@ -50,18 +52,31 @@ def fuse(tree: FusionTree, knn: np.ndarray, cnn: np.ndarray) -> np.ndarray:
                      for k, c in zip(knn, cnn, strict=True)], dtype=np.float64)
 
 
+@dataclass(frozen=True)
+class KnnSearch:
+    """The kNN vote's k and hnswlib's ef, as the pipeline's kNN replicas use them."""
+
+    k: int
+    ef: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> KnnSearch:
+        return cls(settings.pipeline.knn_k, settings.pipeline.knn_ef)
+
+
 @functools.lru_cache(maxsize=2)
-def _models(path: str, bundle_id: str, knn_k: int) -> tuple[CnnModel, ReferenceIndex]:
+def _models(path: str, bundle_id: str, knn: KnnSearch) -> tuple[CnnModel, ReferenceIndex]:
     bundle = load_bundle(path)
     index = bundle.load_references()
-    index.k = knn_k
+    index.configure_search(knn.k, knn.ef)
     return CnnModel(bundle.cnn), index
 
 
 def score_chunk(samples: list[Sample], bundle_path: str, limits: LoadLimits, draft: int,
-                knn_k: int) -> list[tuple[float, float] | None]:
+                knn: KnnSearch) -> list[tuple[float, float] | None]:
     """Ray task body: (kNN, CNN) P(adult) per image, None where the image no longer loads."""
-    model, index = _models(bundle_path, load_bundle(bundle_path).id, knn_k)
+    bundle = load_bundle(bundle_path)
+    model, index = _models(bundle_path, bundle.id, knn)
     histograms, inputs, loaded = [], [], []
     for position, sample in enumerate(samples):
         try:
@@ -69,7 +84,7 @@ def score_chunk(samples: list[Sample], bundle_path: str, limits: LoadLimits, dra
         except LoadError:
             continue
         histograms.append(color_histogram(image))
-        inputs.append(cnn_input(image))
+        inputs.append(bundle.cnn.model_input(image))
         loaded.append(position)
     results: list[tuple[float, float] | None] = [None] * len(samples)
     if loaded:
@@ -80,9 +95,9 @@ def score_chunk(samples: list[Sample], bundle_path: str, limits: LoadLimits, dra
     return results
 
 
-def score_samples(bundle: Path, samples: Sequence[Sample], limits: LoadLimits, draft: int, knn_k: int,
+def score_samples(bundle: Path, samples: Sequence[Sample], limits: LoadLimits, draft: int, knn: KnnSearch,
                   desc: str) -> Scores:
-    answers: list[Any] = map_chunks(score_chunk, list(samples), str(bundle), limits, draft, knn_k, desc=desc)
+    answers: list[Any] = map_chunks(score_chunk, list(samples), str(bundle), limits, draft, knn, desc=desc)
     rows = [i for i, answer in enumerate(answers) if answer is not None]
     if not rows:
         raise JobError(f"none of the {len(samples)} images could be loaded")

@@ -30,7 +30,7 @@ from common.fusion import FusionTree
 from workers.jobs import bundles, measures
 from workers.jobs.datasets import read_split
 from workers.jobs.errors import JobError
-from workers.jobs.scoring import Scores, fuse, score_samples
+from workers.jobs.scoring import KnnSearch, Scores, fuse, score_samples
 
 CANDIDATES = ("cnn", "knn", "majority", "rule", "tree")  # simplest first: a tie keeps the simpler
 RULE_GRID = np.round(np.linspace(0.1, 0.9, 9), 2)
@@ -141,14 +141,14 @@ def _with_margin(threshold: float, scores: list[float]) -> float:
     return (threshold + max(lower)) / 2 if lower else threshold
 
 
-def train_fusion(workdir: Path, bundle: Path, limits: LoadLimits, draft: int, knn_k: int, target_precision: float,
+def train_fusion(workdir: Path, bundle: Path, limits: LoadLimits, draft: int, knn: KnnSearch, target_precision: float,
                  target_recall: float, max_depth: int, seed: int) -> dict[str, Any]:
     """Score the validation split, choose and write the fusion tree and thresholds; returns the manifest part."""
     for name, value in (("target precision", target_precision), ("target recall", target_recall)):
         if not 0.0 < value <= 1.0:
             raise JobError(f"{name} must be in (0, 1], got {value}")
     manifest = bundles.ensure_bundle(bundle)
-    scores = score_samples(bundle, read_split(workdir, "validation"), limits, draft, knn_k, desc="score validation")
+    scores = score_samples(bundle, read_split(workdir, "validation"), limits, draft, knn, desc="score validation")
     if len(np.unique(scores.labels)) < 2:
         raise JobError(f"the validation split of {workdir} needs images of both classes")
     tree, best, judged = choose(scores, max_depth, seed)

@@ -86,37 +86,18 @@ strings, which the client would otherwise receive as "" instead of "unset".
 {{- toYaml $cfg }}
 {{- end }}
 
-{{- define "modstream.classifierMaxOngoingRequests" -}}
-{{- $floor := mul (int .Values.config.classifier.max_batch_size) 2 }}
-{{- $wanted := int .Values.serve.classifierMaxOngoingRequests }}
-{{- if eq $wanted 0 }}{{ $floor }}{{ else }}{{ $wanted }}{{ end }}
-{{- end }}
-
-{{/* serveConfigV2: one application; Classifier's options come from config.classifier. */}}
+{{/* serveConfigV2: one application. The Classifier is not listed: deploy.serve_app derives its options from
+config.classifier (workers.classifier.classifier_options), so Python and the chart cannot disagree. */}}
 {{- define "modstream.serveConfig" -}}
-{{- $c := .Values.config.classifier }}
-{{- $classifier := dict
-    "name" "Classifier"
-    "max_ongoing_requests" (include "modstream.classifierMaxOngoingRequests" . | int)
-    "ray_actor_options" (dict "num_gpus" $c.num_gpus "num_cpus" $c.num_cpus)
-    "user_config" (dict "max_batch_size" $c.max_batch_size "batch_wait_timeout_s" $c.batch_wait_timeout_s) }}
-{{- if $c.autoscaling }}
-{{- $_ := set $classifier "autoscaling_config" (dict
-    "min_replicas" $c.min_replicas
-    "max_replicas" $c.max_replicas
-    "target_ongoing_requests" $c.target_ongoing_requests) }}
-{{- else }}
-{{- $_ := set $classifier "num_replicas" $c.num_replicas }}
-{{- end }}
 {{- $controller := dict
     "name" "PipelineController"
     "num_replicas" 1
     "ray_actor_options" (dict "num_cpus" .Values.serve.controllerNumCpus) }}
 {{- $app := dict
-    "name" .Values.serve.appName
+    "name" .Values.config.classifier.app_name
     "import_path" .Values.serve.importPath
     "args" (dict "config_file" "/etc/modstream/config.yaml")
-    "deployments" (list $classifier $controller) }}
+    "deployments" (list $controller) }}
 {{- toYaml (dict "applications" (list $app)) }}
 {{- end }}
 
@@ -127,7 +108,8 @@ Each message names the values to change.
 {{- define "modstream.validate" -}}
 {{- $v := .Values }}
 {{- $c := $v.config.classifier }}
-{{- if gt (float64 $v.config.thresholds.review) (float64 $v.config.thresholds.block) }}
+{{- $t := $v.config.thresholds }}
+{{- if and (not (kindIs "invalid" $t.review)) (not (kindIs "invalid" $t.block)) (gt (float64 $t.review) (float64 $t.block)) }}
 {{- fail "config.thresholds.review must not exceed config.thresholds.block" }}
 {{- end }}
 {{- if and (gt (float64 $c.num_gpus) 0.0) (not $v.ray.gpuWorkers.enabled) }}
@@ -135,10 +117,6 @@ Each message names the values to change.
 {{- end }}
 {{- if and $c.autoscaling (gt (int $c.min_replicas) (int $c.max_replicas)) }}
 {{- fail "config.classifier.min_replicas must not exceed config.classifier.max_replicas" }}
-{{- end }}
-{{- $wanted := int $v.serve.classifierMaxOngoingRequests }}
-{{- if and (gt $wanted 0) (lt $wanted (mul (int $c.max_batch_size) 2)) }}
-{{- fail "serve.classifierMaxOngoingRequests must be at least 2 x config.classifier.max_batch_size (Serve cannot fill a batch larger than it), or 0 for that default" }}
 {{- end }}
 {{- if not (or $v.ray.cpuWorkers.enabled $v.ray.gpuWorkers.enabled) }}
 {{- fail "enable ray.cpuWorkers or ray.gpuWorkers: the head runs no pipeline actors" }}
@@ -208,6 +186,18 @@ spec:
       env:
         - name: MODSTREAM_CONFIG
           value: /etc/modstream/config.yaml
+        {{- if eq .component "ray-head" }}
+        {{- /* The head's own address: the Ray dashboard binds to it (ray.head.dashboardHost). */}}
+        - name: MY_POD_IP
+          valueFrom:
+            fieldRef:
+              fieldPath: status.podIP
+        {{- if eq $v.ray.head.dashboardHost "podIP" }}
+        {{- /* The serve CLI inside the pod (serve status, serve deploy) reads it: the dashboard is not on localhost. */}}
+        - name: RAY_DASHBOARD_ADDRESS
+          value: http://$(MY_POD_IP):{{ get $v.ray.head.rayStartParams "dashboard-port" | default 8265 | int }}
+        {{- end }}
+        {{- end }}
         {{- if $secret }}
         - name: MODSTREAM_KAFKA_SASL_PASSWORD
           valueFrom:
@@ -241,6 +231,26 @@ spec:
         - name: app-metrics
           containerPort: {{ $v.config.metrics_port }}
           protocol: TCP
+      {{- if and (eq .component "ray-head") (eq $v.ray.head.dashboardHost "podIP") }}
+      {{- /* KubeRay's own head probes may ask the dashboard on localhost, where it no longer listens:
+             the same checks, with the dashboard asked on the pod's address. */}}
+      {{- $dashboardPort := get $v.ray.head.rayStartParams "dashboard-port" | default 8265 | int }}
+      {{- $check := printf "wget -T 2 -q -O- http://localhost:52365/api/local_raylet_healthz | grep success && wget -T 2 -q -O- http://${MY_POD_IP}:%d/api/gcs_healthz | grep success" $dashboardPort }}
+      readinessProbe:
+        exec:
+          command: ["bash", "-c", {{ $check | quote }}]
+        initialDelaySeconds: 10
+        timeoutSeconds: 5
+        periodSeconds: 5
+        failureThreshold: 10
+      livenessProbe:
+        exec:
+          command: ["bash", "-c", {{ $check | quote }}]
+        initialDelaySeconds: 30
+        timeoutSeconds: 5
+        periodSeconds: 5
+        failureThreshold: 120
+      {{- end }}
       resources:
         {{- toYaml $resources | nindent 8 }}
       securityContext:

@@ -1,0 +1,378 @@
+"""The hard stop behind decode's checks: every decode runs in a worker process.
+
+The kernel holds each worker to its budgets, whatever a decoder does: an
+ITIMER_PROF timer armed with limits.decode_cpu_s kills it (SIGPROF's default
+action) the moment one decode has used that much CPU, and RLIMIT_AS caps its
+address space at its idle size plus limits.decode_memory_bytes, so allocations
+beyond the budget fail (Pillow raises MemoryError) instead of growing the host.
+A wall-clock deadline in the caller catches a worker that stops answering. A
+worker that dies or overruns is reaped and replaced on the next call.
+
+Workers are plain ``python -c`` processes started on first use (never forked
+from a process that runs threads) and reused; each process keeps up to
+limits.decode_workers of them, so that many decodes run in parallel. Requests
+and replies travel over a Unix socket pair as JSON headers plus raw bytes, never
+pickles: a decoder subverted by a crafted file cannot run code in the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from common.errors import ModstreamError
+from common.fetch import LoadLimits
+from common.loaderrors import LoadError
+
+__all__ = ["DecoderUnavailableError", "DecoderUsage", "decode_in_worker", "decoder_usage", "stop_decoders"]
+
+_LENGTH = struct.Struct("<Q")
+_MAX_HEADER_BYTES = 64 * 1024
+_SOCKET_BUFFER_BYTES = 4 << 20  # Linux caps it at net.core.wmem_max (often 4 MiB, at least 208 KiB)
+_START_TIMEOUT_S = 60.0  # imports on a loaded machine; a worker starts once, then serves many decodes
+_BLOCK_BYTES = 16 << 20  # Pillow's default image block
+_CACHED_BLOCKS = 4
+_SLACK_BYTES = (64 << 20) + _CACHED_BLOCKS * _BLOCK_BYTES  # codecs loaded on first use, stacks, cached blocks
+_ENTRY = "import sys; from common.decodeworker import serve; serve(int(sys.argv[1]))"
+_PROJECT_ROOT = str(Path(__file__).resolve().parents[1])
+
+
+class DecoderUnavailableError(ModstreamError):
+    """No decode worker could be started, or one answered nonsense: a fault of this host, not of an image."""
+
+
+class _WorkerGone(Exception):
+    """The worker closed its end, or did not answer in time (timed_out)."""
+
+    def __init__(self, why: str, timed_out: bool = False) -> None:
+        super().__init__(why)
+        self.timed_out = timed_out
+
+
+@dataclass(frozen=True)
+class DecoderUsage:
+    """What the decode workers of this process have cost so far (benchmarks, tests)."""
+
+    cpu_s: float
+    """CPU seconds of every worker ever started, those that died included."""
+    peak_rss_bytes: int
+    """The highest peak resident memory the workers alive or ended since the last stop_decoders()
+    reported after a decode (a worker killed mid-decode never reports that decode's peak)."""
+
+
+def decode_in_worker(data: bytes, limits: LoadLimits, draft_to: tuple[int, int] | None) -> Image.Image:
+    """common.decode.decode_in_process(data, limits, draft_to), run in a budgeted worker."""
+    pool = _pool()
+    worker = pool.acquire(limits.decode_workers)
+    try:
+        width, height, pixels = worker.decode(data, limits, draft_to)
+    finally:
+        pool.release(worker)
+    return Image.frombytes("RGB", (width, height), pixels)
+
+
+def decoder_usage() -> DecoderUsage:
+    return _pool().usage()
+
+
+def stop_decoders() -> None:
+    """End this process's idle workers (the next decode starts fresh ones) and wait for them to exit;
+    decoder_usage().peak_rss_bytes starts again from the workers started after this."""
+    _pool().stop_idle()
+
+
+# --- the caller's side ---------------------------------------------------------------------------
+
+
+class _Worker:
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for end in (ours, theirs):  # an image in one write: fewer wake-ups of either side per decode
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER_BYTES)
+        # The worker imports this very module, wherever this process found it.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (_PROJECT_ROOT,
+                                                                          os.environ.get("PYTHONPATH"))))}
+        try:
+            self.process = subprocess.Popen([sys.executable, "-c", _ENTRY, str(theirs.fileno())],
+                                            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env,
+                                            start_new_session=True)
+        except OSError as exc:
+            raise DecoderUnavailableError(f"cannot start a decode worker: {exc}") from exc
+        finally:
+            theirs.close()
+        self.sock = ours
+        self.alive = True
+        self.cpu_s = 0.0
+        self.peak_rss_bytes = 0
+        try:
+            self._note_usage(_read_json(self.sock, time.monotonic() + _START_TIMEOUT_S))
+        except (_WorkerGone, ValueError) as exc:
+            self.kill()
+            raise DecoderUnavailableError(f"decode worker did not start (exit status "
+                                          f"{self.process.returncode})") from exc
+
+    def decode(self, data: bytes, limits: LoadLimits,
+               draft_to: tuple[int, int] | None) -> tuple[int, int, bytearray]:
+        """(width, height, RGB bytes), or LoadError; a worker that dies or hangs is reaped first."""
+        # The CPU timer is the budget; this only catches a stuck worker, with room for a starved machine.
+        wall_s = max(30.0, limits.decode_cpu_s * 10)
+        deadline = time.monotonic() + wall_s
+        request = {"draft": draft_to, "limits": {
+            "max_bytes": limits.max_bytes, "max_pixels": limits.max_pixels, "formats": limits.formats,
+            "decode_cpu_s": limits.decode_cpu_s, "decode_memory_bytes": limits.decode_memory_bytes}}
+        try:
+            _send(self.sock, json.dumps(request).encode(), deadline)
+            _send(self.sock, data, deadline)
+            reply = _read_json(self.sock, deadline)
+            self._note_usage(reply)
+            if not reply.get("ok"):
+                raise LoadError(reply["reason"], str(reply["detail"]))
+            width, height = (int(side) for side in reply["size"])
+            if not (width > 0 and height > 0 and width * height <= limits.max_pixels):
+                raise DecoderUnavailableError(f"decode worker answered an impossible size {width}x{height}")
+            pixels = _receive(self.sock, deadline, width * height * 3)
+        except LoadError:
+            raise
+        except _WorkerGone as exc:
+            raise self._failure(exc.timed_out, wall_s, limits) from exc
+        except BaseException:
+            self.kill()  # interrupted mid-exchange, or an answer that breaks the protocol
+            raise
+        return width, height, pixels
+
+    def _failure(self, timed_out: bool, wall_s: float, limits: LoadLimits) -> LoadError:
+        self.kill()
+        status = self.process.returncode
+        if timed_out:
+            return LoadError("decode_failed", f"decoding did not finish within {wall_s:g} s")
+        if status == -signal.SIGPROF:
+            return LoadError("too_large", f"decoding needs more than the {limits.decode_cpu_s:g} s CPU budget")
+        name = signal.Signals(-status).name if status < 0 and -status in signal.valid_signals() else status
+        return LoadError("decode_failed", f"the decoder crashed on this image ({name})")
+
+    def _note_usage(self, reply: dict[str, Any]) -> None:
+        self.cpu_s = float(reply.get("cpu_s", self.cpu_s))
+        self.peak_rss_bytes = max(self.peak_rss_bytes, int(reply.get("peak_rss_bytes", 0)))
+
+    def kill(self) -> None:
+        """Stop the worker now and reap it, keeping its final CPU and memory figures."""
+        if not self.alive:
+            return
+        self.alive = False
+        self.sock.close()
+        if self.process.returncode is None:
+            os.kill(self.process.pid, signal.SIGKILL)  # unreaped, so the pid is still ours even if it exited
+            self._reap()
+
+    def close(self) -> None:
+        """Let an idle worker exit on its own (it sees end of file) and reap it."""
+        if self.alive:
+            self.alive = False
+            self.sock.close()
+            self._reap()
+
+    def _reap(self) -> None:
+        """Wait for the worker to exit and keep its status and final CPU (os.wait4: Popen drops the
+        usage). Its peak memory stays the last one it reported: the kernel's ru_maxrss of a child
+        starts at its parent's, so it says nothing about the worker."""
+        _, status, usage = os.wait4(self.process.pid, 0)
+        self.process.returncode = os.waitstatus_to_exitcode(status)
+        self.cpu_s = usage.ru_utime + usage.ru_stime
+
+
+class _Pool:
+    """This process's workers: reused, at most `most` at a time, replaced when they die."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._changed = threading.Condition()
+        self._idle: list[_Worker] = []
+        self._live: set[_Worker] = set()
+        self._starting = 0
+        self._retired_cpu_s = 0.0
+        self._retired_peak_rss = 0
+
+    def acquire(self, most: int) -> _Worker:
+        with self._changed:
+            while not self._idle and len(self._live) + self._starting >= most:
+                self._changed.wait()
+            if self._idle:
+                return self._idle.pop()
+            self._starting += 1
+        try:
+            worker = _Worker()
+        finally:
+            with self._changed:
+                self._starting -= 1
+                self._changed.notify()
+        with self._changed:
+            self._live.add(worker)
+        return worker
+
+    def release(self, worker: _Worker) -> None:
+        with self._changed:
+            if worker.alive:
+                self._idle.append(worker)
+            else:
+                self._retire(worker)
+            self._changed.notify()
+
+    def stop_idle(self) -> None:
+        with self._changed:
+            idle, self._idle = self._idle, []
+        for worker in idle:
+            worker.close()
+        with self._changed:
+            for worker in idle:
+                self._retire(worker)
+            self._retired_peak_rss = 0
+            self._changed.notify_all()
+
+    def _retire(self, worker: _Worker) -> None:
+        self._live.discard(worker)
+        self._retired_cpu_s += worker.cpu_s
+        self._retired_peak_rss = max(self._retired_peak_rss, worker.peak_rss_bytes)
+
+    def usage(self) -> DecoderUsage:
+        with self._changed:
+            return DecoderUsage(self._retired_cpu_s + sum(worker.cpu_s for worker in self._live),
+                                max([self._retired_peak_rss, *(worker.peak_rss_bytes for worker in self._live)]))
+
+
+_POOL: _Pool | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> _Pool:
+    """The pool of this process: a forked child starts its own rather than share its parent's sockets."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL.pid != os.getpid():
+            _POOL = _Pool()
+        return _POOL
+
+
+# --- framing: 8-byte length, then the bytes ------------------------------------------------------
+
+
+def _send(sock: socket.socket, payload: bytes, deadline: float) -> None:
+    try:
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        sock.sendall(_LENGTH.pack(len(payload)))
+        sock.sendall(payload)
+    except TimeoutError as exc:  # a worker that stopped reading
+        raise _WorkerGone("timed out", timed_out=True) from exc
+    except OSError as exc:
+        raise _WorkerGone(str(exc)) from exc
+
+
+def _receive(sock: socket.socket, deadline: float | None, expected: int | None = None,
+             most: int | None = None) -> bytearray:
+    """One message; `expected` its exact length, `most` its largest allowed length."""
+    length = _LENGTH.unpack(_receive_exactly(sock, _LENGTH.size, deadline))[0]
+    if (expected is not None and length != expected) or (most is not None and length > most):
+        raise _WorkerGone(f"message of {length} bytes")
+    return _receive_exactly(sock, length, deadline)
+
+
+def _receive_exactly(sock: socket.socket, size: int, deadline: float | None) -> bytearray:
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    received = 0
+    try:
+        while received < size:
+            if deadline is not None:
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
+            count = sock.recv_into(view[received:])
+            if count == 0:
+                raise _WorkerGone("end of file")
+            received += count
+    except TimeoutError as exc:
+        raise _WorkerGone("timed out", timed_out=True) from exc
+    except OSError as exc:
+        raise _WorkerGone(str(exc)) from exc
+    return buffer
+
+
+def _read_json(sock: socket.socket, deadline: float | None) -> dict[str, Any]:
+    value = json.loads(_receive(sock, deadline, most=_MAX_HEADER_BYTES))
+    if not isinstance(value, dict):
+        raise ValueError("a worker header is a JSON object")
+    return value
+
+
+# --- the worker's side ---------------------------------------------------------------------------
+
+
+def serve(fd: int) -> None:
+    """The worker's loop: decode each request under the budgets it names, until the caller hangs up."""
+    from common.decode import decode_in_process  # imports Pillow's codecs before the idle size is taken
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash on a crafted file leaves no core dump behind
+    sock = socket.socket(fileno=fd)
+    Image.init()
+    # Keep a few freed image blocks for the next decode instead of faulting in fresh pages each time
+    # (measured: a quarter of the decode's CPU on 1024x768 drafts). Their room is in _SLACK_BYTES.
+    Image.core.set_blocks_max(_CACHED_BLOCKS)
+    Image.core.set_block_size(_BLOCK_BYTES)
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    idle_bytes = _address_space_bytes()
+    _send_json(sock, _usage())
+    while True:
+        try:
+            request = json.loads(_receive(sock, None, most=_MAX_HEADER_BYTES))
+            data = bytes(_receive(sock, None))
+        except _WorkerGone:
+            return
+        limits = LoadLimits(**request["limits"])
+        draft = tuple(request["draft"]) if request["draft"] else None
+        cap = idle_bytes + limits.decode_memory_bytes + _SLACK_BYTES
+        reply: dict[str, Any]
+        pixels = b""
+        resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+        signal.setitimer(signal.ITIMER_PROF, limits.decode_cpu_s)
+        try:
+            image = decode_in_process(data, limits, draft)  # type: ignore[arg-type]
+            pixels = image.tobytes()
+            reply = {"ok": True, "size": image.size}
+            del image
+        except LoadError as exc:
+            reply = {"ok": False, "reason": exc.reason, "detail": exc.detail}
+        finally:
+            signal.setitimer(signal.ITIMER_PROF, 0)
+            resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
+        del data
+        _send_json(sock, {**reply, **_usage()})
+        if reply["ok"]:
+            _send(sock, pixels, time.monotonic() + _START_TIMEOUT_S)
+
+
+def _send_json(sock: socket.socket, value: dict[str, Any]) -> None:
+    _send(sock, json.dumps(value).encode(), time.monotonic() + _START_TIMEOUT_S)
+
+
+def _usage() -> dict[str, Any]:
+    """CPU so far, and the resident high-water mark of this process image: VmHWM, not ru_maxrss,
+    which starts at the RSS of the process that spawned us."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    with open("/proc/self/status") as status:
+        peak_kib = next((int(line.split()[1]) for line in status if line.startswith("VmHWM:")), 0)
+    return {"cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_bytes": peak_kib * 1024}
+
+
+def _address_space_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
