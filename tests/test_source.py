@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from kafka import TopicPartition
 
 from common.config import load_settings
-from workers.source import CommitLedger, KafkaSource
+from common.kafkaio import Polled, Undecodable
+from workers.source import CommitLedger, KafkaSource, undecodable_dead_letter
 
 P0, P1 = TopicPartition("up", 0), TopicPartition("up", 1)
 
@@ -134,3 +135,20 @@ def test_lost_partitions_are_not_committed() -> None:
     asyncio.run(consumer.listener.on_partitions_lost({P0}))
     kafka.commit()
     assert consumer.commits == []
+
+
+def test_an_undecodable_batch_is_answered_and_its_offsets_settle_past_it(monkeypatch) -> None:
+    skipped = Undecodable(topic="up", partition=0, offset=40, error="CorruptRecordError: bad CRC", next_offset=52)
+    monkeypatch.setattr("workers.source.poll_records",
+                        lambda consumer, timeout_ms, max_records: Polled(records=[], undecodable=[skipped]))
+    consumer = FakeConsumer()
+    kafka = source(consumer)
+    asyncio.run(consumer.listener.on_partitions_assigned({P0}))
+    polled = kafka.poll(100, 32)
+    assert not polled.empty  # a skipped batch is progress, never idleness
+    letter = undecodable_dead_letter(skipped)
+    assert (letter.event_id, letter.reason, letter.original_encoding) == ("up-0@40", "invalid_event", "absent")
+    assert "up[0]@40" in letter.detail and "52" in letter.detail and "bad CRC" in letter.detail
+    kafka.settle(polled.positions)
+    kafka.commit()
+    assert consumer.commits == [{P0: 52}]

@@ -313,12 +313,18 @@ class IngestWorker:
             metrics.REVIEW_SYNC_TIMEOUTS.inc()
             return False
         deadline = time.monotonic() + timeout_s
+        pending = None  # one question at a time: an answer can take seconds while the broker is away
         while True:
-            remaining = deadline - time.monotonic()
             try:
-                if ray.get(caught_up.remote(until_ms), timeout=max(REVIEW_SYNC_STEP_S, remaining)):
+                pending = pending or caught_up.remote(until_ms)
+                answer = ray.get(pending, timeout=max(0.0, deadline - time.monotonic()))
+                pending = None
+                if answer:
                     return True
-            except Exception as exc:  # restarting or timed out: the bound below still holds
+            except ray.exceptions.GetTimeoutError:
+                pass  # still thinking: keep waiting on the same question
+            except Exception as exc:  # restarting: ask again, the bound below still holds
+                pending = None
                 log.debug("review sync: %s", describe(exc))
             if time.monotonic() >= deadline:
                 break

@@ -1,0 +1,81 @@
+"""A second ingest actor joins the group mid-stream: partitions move, no committed offset
+moves backwards, nothing is lost and no event gets two different verdicts."""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import ray
+
+from common.kafkaio import make_admin
+from deploy.clients import publish_events, upload_event_for
+
+SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
+pytestmark = pytest.mark.integration
+
+
+class CommittedOffsets:
+    """Samples the group's committed offsets in the background and keeps every change."""
+
+    def __init__(self, settings) -> None:
+        self.admin = make_admin(settings)
+        self.group = settings.kafka.group_id
+        self.history: dict[tuple[str, int], list[int]] = defaultdict(list)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        while not self.stopping.wait(0.1):
+            try:
+                offsets = self.admin.list_consumer_group_offsets(self.group)
+            except Exception:  # the group may not exist yet
+                continue
+            for tp, meta in offsets.items():
+                seen = self.history[(tp.topic, tp.partition)]
+                if not seen or seen[-1] != meta.offset:
+                    seen.append(meta.offset)
+
+    def stop(self) -> dict[tuple[str, int], list[int]]:
+        self.stopping.set()
+        self.thread.join()
+        self.admin.close()
+        return dict(self.history)
+
+
+def answers_by_event(verdicts: list) -> dict[str, set]:
+    found: dict[str, set] = defaultdict(set)
+    for v in verdicts:
+        found[v.event_id].add((v.action, v.label, v.score, v.source, v.matched_image_id))
+    return found
+
+
+def test_a_consumer_joining_mid_stream_moves_no_offset_back_and_changes_no_verdict(start_pipeline,
+                                                                                   make_settings) -> None:
+    settings = make_settings(pipeline={"poll_records": 4})
+    pipeline, outputs = start_pipeline(settings)
+    committed = CommittedOffsets(settings)
+    images = sorted(SAMPLES.glob("*.jpg"))
+    first = [upload_event_for(images[i % len(images)], inline=True, image_id=f"first-{i}") for i in range(40)]
+    second = [upload_event_for(images[i % len(images)], inline=True, image_id=f"second-{i}") for i in range(40)]
+    try:
+        publish_events(settings, first)
+        outputs.wait(8, timeout_s=120)
+        pipeline.ingest.append(pipeline._new_ingest(1))  # joins the group: partitions are revoked and moved
+        publish_events(settings, second)
+        outputs.wait(len(first) + len(second), timeout_s=240)
+        per_actor = ray.get([actor.stats.remote() for actor in pipeline.ingest])
+    finally:
+        history = committed.stop()
+
+    answers = answers_by_event(outputs.verdicts)
+    assert set(answers) == {e.event_id for e in first + second}
+    assert all(len(found) == 1 for found in answers.values()), [f for f in answers.values() if len(f) > 1]
+    assert per_actor[1]["events_consumed"] > 0, per_actor  # the newcomer got a partition
+    uploads = [offsets for (topic, _), offsets in history.items() if topic == settings.topics.uploads]
+    assert uploads, history
+    for offsets in uploads:
+        assert offsets == sorted(offsets), history
