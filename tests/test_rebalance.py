@@ -12,6 +12,7 @@ import ray
 
 from common.kafkaio import make_admin
 from deploy.clients import publish_events, upload_event_for
+from tests.conftest import wait_for
 
 SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
 pytestmark = pytest.mark.integration
@@ -53,28 +54,55 @@ def answers_by_event(verdicts: list) -> dict[str, set]:
     return found
 
 
+class Publisher:
+    """Publishes an event every few tens of milliseconds until stopped, so the stream never pauses."""
+
+    def __init__(self, settings) -> None:
+        self.settings = settings
+        self.images = sorted(SAMPLES.glob("*.jpg"))
+        self.events: list = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._publish, daemon=True)
+        self.thread.start()
+
+    def _publish(self) -> None:
+        while not self.stopping.wait(0.05):
+            event = upload_event_for(self.images[len(self.events) % len(self.images)], inline=True,
+                                     image_id=f"img-{len(self.events)}")
+            publish_events(self.settings, [event])
+            self.events.append(event)
+
+    def stop(self) -> list:
+        self.stopping.set()
+        self.thread.join()
+        return self.events
+
+
 def test_a_consumer_joining_mid_stream_moves_no_offset_back_and_changes_no_verdict(start_pipeline,
                                                                                    make_settings) -> None:
     settings = make_settings(pipeline={"poll_records": 4})
     pipeline, outputs = start_pipeline(settings)
     committed = CommittedOffsets(settings)
-    images = sorted(SAMPLES.glob("*.jpg"))
-    first = [upload_event_for(images[i % len(images)], inline=True, image_id=f"first-{i}") for i in range(40)]
-    second = [upload_event_for(images[i % len(images)], inline=True, image_id=f"second-{i}") for i in range(40)]
+    publisher = Publisher(settings)
     try:
-        publish_events(settings, first)
         outputs.wait(8, timeout_s=120)
         pipeline.ingest.append(pipeline._new_ingest(1))  # joins the group: partitions are revoked and moved
-        publish_events(settings, second)
-        outputs.wait(len(first) + len(second), timeout_s=240)
+        wait_for(lambda: all(s["partitions"] for s in ray.get([a.stats.remote() for a in pipeline.ingest])),
+                 timeout_s=180, message="both ingest actors own a partition")
+        published = len(publisher.events)
+        wait_for(lambda: len(publisher.events) >= published + 20, timeout_s=120, message="20 more events")
+    finally:
+        events = publisher.stop()
+    try:
+        outputs.wait(len(events), timeout_s=240)
         per_actor = ray.get([actor.stats.remote() for actor in pipeline.ingest])
     finally:
         history = committed.stop()
 
     answers = answers_by_event(outputs.verdicts)
-    assert set(answers) == {e.event_id for e in first + second}
+    assert set(answers) == {e.event_id for e in events}
     assert all(len(found) == 1 for found in answers.values()), [f for f in answers.values() if len(f) > 1]
-    assert per_actor[1]["events_consumed"] > 0, per_actor  # the newcomer got a partition
+    assert per_actor[1].get("events_consumed", 0) > 0, per_actor  # the newcomer took over a partition
     uploads = [offsets for (topic, _), offsets in history.items() if topic == settings.topics.uploads]
     assert uploads, history
     for offsets in uploads:

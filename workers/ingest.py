@@ -155,7 +155,8 @@ class IngestWorker:
 
     def _counts(self) -> dict[str, Any]:
         idle = self._outstanding == 0 and self._poll_failures == 0  # a partition that cannot be read is not idle
-        return {"worker": self.worker_index, "pid": os.getpid(), **self.counts, "idle": idle,
+        partitions = len(self.source.ledger.owned()) if self.source is not None else 0
+        return {"worker": self.worker_index, "pid": os.getpid(), **self.counts, "idle": idle, "partitions": partitions,
                 "inflight_batches": self.batches.qsize(), "idle_for_s": time.monotonic() - self.last_activity}
 
     def _supervised(self, loop: Callable[[], None]) -> None:

@@ -76,7 +76,7 @@ class Pipeline:
         totals: Counter[str] = Counter()
         for stats in per_actor:
             totals.update({k: v for k, v in stats.items() if isinstance(v, int) and not isinstance(v, bool)
-                           and k != "worker"})
+                           and k not in {"worker", "pid"}})
         review = ray.get(self.review.stats.remote()) if self.review else {}
         return {**totals, **review, "idle": all(s["idle"] for s in per_actor),
                 "idle_for_s": min(s["idle_for_s"] for s in per_actor)}
