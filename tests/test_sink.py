@@ -54,7 +54,7 @@ class Producer:
 
 def scored_batch(dead_letters: list[DeadLetter] | None = None) -> Batch:
     items = [item(1), item(2)]
-    batch = Batch(items, dead_letters or [], positions={}, records=len(items) + len(dead_letters or []))
+    batch = Batch(items, dead_letters or [], positions={})
     batch.scored(Fakes().scorer().score(items))
     return batch
 

@@ -243,7 +243,7 @@ class IngestWorker:
                 dead_letters.append(outcome)
             else:
                 items.append(outcome)
-        return Batch(items, dead_letters, polled.positions, len(records))
+        return Batch(items, dead_letters, polled.positions)
 
     # -- score thread ------------------------------------------------------------------------------
 

@@ -61,7 +61,6 @@ class Batch:
     items: list[Item]
     dead_letters: list[DeadLetter]  # records that failed to load
     positions: Any  # the source's commit positions for these records
-    records: int
     state: BatchState = BatchState.LOADED
     outcomes: list[Outcome] = field(default_factory=list)
     outputs: list[Output] = field(default_factory=list)
