@@ -7,6 +7,12 @@ offsets are unreliable on the embedded broker (FACTS.md), so the reader first
 writes a unique marker to every partition and reads until it has seen all of
 them: this works on any Kafka-compatible broker. Markers are tombstones, so
 compaction removes them on a real cluster.
+
+Partitioning: a record may name its partition (`partition_for`: crc32 of the
+owning key modulo the partition count, the same hash that shards use), and a
+reader may replay only some partitions. With partitions a multiple of the
+shard count, shard s owns exactly the partitions p with p % shards == s, so
+each shard reads only its own share and restore time follows its own state.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from common.config import Settings
@@ -35,23 +42,55 @@ class Changelog:
         self.settings = settings
         self.topic = topic
         self._producer = None
+        self._partitions: int | None = None
 
-    def append(self, records: Iterable[tuple[str, dict[str, Any]]], timeout_s: float = 30.0) -> int:
-        """Write records and wait for the broker's acknowledgement of all of them."""
+    def partition_count(self, timeout_s: float = 30.0) -> int:
+        """The topic's partitions, as the broker has them (not the configured default)."""
+        if self._partitions is None:
+            if self._producer is None:
+                self._producer = make_producer(self.settings)
+            deadline = time.monotonic() + timeout_s
+            while not (found := self._producer.partitions_for(self.topic)):
+                if time.monotonic() > deadline:
+                    raise ChangelogError(f"topic {self.topic} has no partitions")
+                time.sleep(0.2)
+            self._partitions = len(found)
+        return self._partitions
+
+    def partition_for(self, owner_key: str) -> int:
+        """The partition of records owned by this key (an MD5, an image id)."""
+        return zlib.crc32(owner_key.encode()) % self.partition_count()
+
+    def append(self, records: Iterable[tuple[str, dict[str, Any] | None] | tuple[str, dict[str, Any] | None, int]],
+               timeout_s: float = 30.0) -> int:
+        """Write (key, value[, partition]) records and wait for the broker to acknowledge all of them.
+
+        A value of None is a tombstone: compaction removes the key."""
         if self._producer is None:
             self._producer = make_producer(self.settings)
-        futures = [self._producer.send(self.topic, key=key, value=json.dumps(value).encode())
-                   for key, value in records]
+        futures = [self._producer.send(self.topic, key=record[0],
+                                       value=None if record[1] is None else json.dumps(record[1]).encode(),
+                                       partition=record[2] if len(record) > 2 else None)  # type: ignore[misc]
+                   for record in records]
         self._producer.flush(timeout=timeout_s)
         for future in futures:
             future.get(timeout=timeout_s)
         return len(futures)
 
-    def replay(self, timeout_s: float = 120.0) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Every record from the start of the topic up to now, in partition order."""
+    def replay(self, timeout_s: float = 120.0, only: Callable[[int, int], bool] | None = None
+               ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Every record from the start of the topic up to now, in partition order.
+
+        ``only(partition, partition_count)`` picks the partitions to read (default: all)."""
         consumer = make_consumer(self.settings, topics=None, group_id=None)
         try:
             partitions = read_from_beginning(consumer, [self.topic], timeout_s)
+            if only is not None:
+                partitions = [tp for tp in partitions if only(tp.partition, len(partitions))]
+                consumer.assign(partitions)
+                consumer.seek_to_beginning(*partitions)
+                if not partitions:
+                    return
             marker = MARKER_PREFIX + uuid.uuid4().hex
             producer = make_producer(self.settings)
             try:

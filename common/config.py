@@ -129,7 +129,10 @@ class PipelineConfig(_Section):
     poll_records: int = Field(32, ge=1)  # measured: 32 beat 16 and 64 on throughput and p99 (docs/benchmarks.md)
     max_inflight_batches: int = Field(4, ge=1)
     dedup_shards: int = Field(2, ge=1)
-    phash_max_distance: int = Field(10, ge=0, le=24)
+    pdq_max_distance: int = Field(31, ge=0, le=63)  # PDQ bits; copies of photos move <= ~31, distinct ones ~100
+    pdq_dihedral: bool = False  # also match rotated and mirrored copies (8 PDQ variants per lookup)
+    dedup_max_images: int | None = Field(None, ge=1)  # per shard; the oldest unreviewed are evicted first
+    dedup_max_age_s: float | None = Field(None, gt=0)  # unreviewed verdicts older than this are evicted
     knn_replicas: int = Field(1, ge=1)
     knn_k: int = Field(10, ge=1)
     knn_ef: int = Field(100, ge=1)
@@ -144,6 +147,12 @@ class PipelineConfig(_Section):
     # How long a revoked partition's in-flight batches may take to settle before its offsets are
     # committed and it is handed over; what is not settled by then is replayed by the next owner.
     revoke_drain_timeout_s: float = Field(30.0, gt=0)
+
+    # -- reviews against uploads (workers/review.py) --
+    # Start-up scores no upload before the review backlog is applied, waiting at most this long.
+    review_backlog_wait_s: float = Field(120.0, ge=0)
+    # A review re-issues corrected verdicts for copies scored up to this long before it (0: off).
+    reissue_window_s: float = Field(0.0, ge=0)
 
 
 class ClassifierConfig(_Section):

@@ -22,6 +22,7 @@ decode_failed for data no decoder accepts, unsupported_format for the rest.
 from __future__ import annotations
 
 import io
+from typing import cast
 
 from PIL import Image, ImageFile, JpegImagePlugin
 
@@ -84,7 +85,7 @@ def decode_in_process(data: bytes, limits: LoadLimits, draft_to: tuple[int, int]
     except MemoryError as exc:
         raise LoadError("too_large", f"decoding this {image_format} needs more than the memory budget "
                                      f"({limits.decode_memory_bytes >> 20} MiB)") from exc
-    except Exception as exc:  # noqa: BLE001 - hostile bytes make Pillow raise anything; all mean "corrupt"
+    except Exception as exc:  # hostile bytes make Pillow raise anything: all of it means "corrupt"
         raise LoadError("decode_failed", f"corrupt {image_format} data: {type(exc).__name__}: {exc}") from exc
 
 
@@ -122,9 +123,10 @@ def _decode(data: bytes, image_format: str, limits: LoadLimits, draft_to: tuple[
         raise LoadError("too_large", f"decoding this {width}x{height} {image.mode} {image_format} needs about "
                                      f"{needed >> 20} MiB, budget {limits.decode_memory_bytes >> 20} MiB")
     image.load()  # frame 0 only: Pillow decodes later frames only on seek()
+    pixels: Image.Image = image
     if stored_target is not None and image.mode in _REDUCIBLE_MODES:
-        image = _reduced(image, stored_target)
-    rgb = to_rgb(image)
+        pixels = _reduced(image, stored_target)
+    rgb = to_rgb(pixels)
     if stored_target is not None:
         rgb = _reduced(rgb, stored_target)
     transpose = _TRANSPOSE_FOR_ORIENTATION.get(orientation)
@@ -195,7 +197,7 @@ def _grey_to_l(image: Image.Image) -> Image.Image:
     """
     if image.mode in _SIXTEEN_BIT_MODES:
         image = image.convert("I")
-    low, high = image.getextrema()
+    low, high = cast(tuple[float, float], image.getextrema())  # one band: (min, max)
     if image.mode == "I" and low >= 0 and high <= 0xFFFF:
         return image.point(lambda value: value * (1 / 256)).convert("L")
     if image.mode == "F" and low >= 0.0 and high <= 1.0:

@@ -1,10 +1,17 @@
-"""Image features computed once per upload: exact hash, perceptual hash and its
-quality, colour histogram and the CNN's input tensor.
+"""Image features computed once per upload: exact hash, PDQ perceptual hash and
+its quality, colour histogram and the CNN's input tensor.
 
 Everything here is a pure function of the raw bytes and the decoded RGB image,
 so any actor can compute it and tests can pin its outputs. The decoded image is
 usually a JPEG draft of ~256 px, so every feature is built to be cheap and
 stable on small images.
+
+PDQ (Meta's 256-bit perceptual hash, the reference C++ via ``pdqhash``) is the
+near-duplicate key: on natural photographs a half- or third-size copy or a
+JPEG q40 re-encode moves it by at most ~31 bits while distinct photos sit
+~100+ bits apart, and it comes with its own quality score (0-100). imagehash's
+64-bit pHash is still computed for consumers that index by it, but no decision
+uses it: 64 bits cannot separate millions of photos.
 """
 
 from __future__ import annotations
@@ -14,36 +21,53 @@ from dataclasses import dataclass
 
 import imagehash
 import numpy as np
+import pdqhash  # type: ignore[import-untyped]
 from PIL import Image
-from scipy.fft import dctn
 
 from common.errors import ModstreamError
 
+PDQ_BITS = 256
+PDQ_HEX_DIGITS = 64
+"""A PDQ hash written as 64 lowercase hex digits: the 256 bits pdqhash returns, in order,
+read as one big-endian number (ThreatExchange's convention)."""
+
+MIN_PDQ_QUALITY = 50
+"""Below this quality a PDQ hash is never used for near matching (the PDQ spec's rule);
+exact MD5 matching is still fine. Flat and near-flat images score ~0."""
+
+DEFAULT_PDQ_MAX_DISTANCE = 31
+"""Near match: both qualities >= MIN_PDQ_QUALITY and at most this many differing bits."""
+
+MIN_SIDE_FOR_PDQ = 32
+"""PDQ upsamples smaller images, and its bits then describe interpolation, not content:
+a random 8 x 8 image scores quality 100. Such images get quality 0, so they are never
+near-matched (exact matching still applies)."""
+
+PDQ_SIDE = 160
+"""Every image is resized (Lanczos) to 160 x 160 before PDQ. Hashing whatever size the
+decode gave lets the sampling differ between an original (a 2x JPEG draft) and its
+third-size copy (no draft): on scikit-image's photographs that moved PDQ by up to 62
+bits on textures (brick, grass). At one fixed size with a proper low-pass the worst
+1/2, 1/3 or q40 copy moved 14 bits, and distinct photos stayed >= 100 apart."""
+
+DIHEDRAL_VARIANTS = 8  # pdqhash.compute_dihedral: the original, 3 rotations, 4 flips
+
 PHASH_HEX_DIGITS = 16
-"""A 64-bit pHash written as lowercase hex; the dedup key and the Verdict's `hashes.phash`."""
+"""imagehash's 64-bit pHash as lowercase hex: the Verdict's optional `hashes.phash`."""
 
 HISTOGRAM_BINS = 64
 """4 x 4 x 4 RGB bins; bin index = r_bin * 16 + g_bin * 4 + b_bin with channel_bin = value >> 6."""
-
-MIN_PHASH_QUALITY = 0.5
-"""Below this quality a pHash must not be used for near-duplicate matching (exact MD5
-matching is still fine). Natural photos score 0.75-0.9; flat, tiny and synthetic
-high-frequency images score 0-0.3, so the threshold sits in the wide gap between."""
 
 CNN_INPUT_SIZE = 224  # the default MobileNet graph's fixed input side
 
 _HEX_DIGITS = frozenset("0123456789abcdef")
 _HASH_SIZE = 8  # imagehash's default: an 8 x 8 block of DCT coefficients -> 64 bits
-_HASH_SOURCE_SIZE = 32  # imagehash resizes to 32 x 32 greyscale before the DCT
 _HISTOGRAM_MAX_SIDE = 128
-_MIN_SIDE_FOR_PHASH = 32  # below this pHash upsamples, and its bits describe interpolation, not content
-_FULL_CONTRAST_GREY_LEVELS = 8.0  # std of the low-frequency picture at which contrast stops limiting quality
-_FULL_LOW_FREQUENCY_SHARE = 0.5  # share of detail energy in the hashed block at which it stops limiting
-_ROBUST_BIT_MARGIN = 0.1  # a bit is robust when its coefficient is this far (x rms) from the median
 
 
-class InvalidPhashError(ModstreamError, ValueError):
-    """A pHash that is not 16 hex digits, e.g. in a ReviewDecision from outside."""
+class InvalidHashError(ModstreamError, ValueError):
+    """A hash of the wrong length or with non-hex digits, e.g. in a ReviewDecision or a bank file."""
+
 
 
 def md5_hex(data: bytes) -> str:
@@ -52,75 +76,62 @@ def md5_hex(data: bytes) -> str:
 
 
 def phash_hex(img: Image.Image) -> str:
-    """imagehash's 64-bit pHash as 16 lowercase hex digits.
-
-    The hex string (or `phash_to_int`) is the key to store; `hash(ImageHash)`
-    keeps only 8 bits and must never be used."""
+    """imagehash's 64-bit pHash as 16 lowercase hex digits (informational only)."""
     return str(imagehash.phash(img, hash_size=_HASH_SIZE))
 
 
 def phash_to_int(phash: str) -> int:
-    """The integer form of a pHash hex string, for `hamming` and compact storage."""
-    if len(phash) != PHASH_HEX_DIGITS or not set(phash.lower()) <= _HEX_DIGITS:
-        raise InvalidPhashError(f"a pHash is {PHASH_HEX_DIGITS} hex digits, got {phash!r}")
-    return int(phash, 16)
+    """The integer form of a pHash hex string."""
+    return _hex_to_int(phash, PHASH_HEX_DIGITS, "pHash")
+
+
+def pdq_to_int(pdq: str) -> int:
+    """The integer form of a PDQ hex string, for `pdq_distance` and compact storage."""
+    return _hex_to_int(pdq, PDQ_HEX_DIGITS, "PDQ hash")
+
+
+def pdq_hex_of_int(value: int) -> str:
+    return f"{value:0{PDQ_HEX_DIGITS}x}"
+
+
+def _hex_to_int(text: str, digits: int, name: str) -> int:
+    if not isinstance(text, str) or len(text) != digits or not set(text.lower()) <= _HEX_DIGITS:
+        raise InvalidHashError(f"a {name} is {digits} hex digits, got {text!r}")
+    return int(text, 16)
 
 
 def hamming(a: str | int, b: str | int) -> int:
-    """Number of differing bits between two pHashes given as hex strings or ints."""
-    left = phash_to_int(a) if isinstance(a, str) else a
-    right = phash_to_int(b) if isinstance(b, str) else b
+    """Number of differing bits between two PDQ hashes given as hex strings or ints."""
+    left = pdq_to_int(a) if isinstance(a, str) else a
+    right = pdq_to_int(b) if isinstance(b, str) else b
     return (left ^ right).bit_count()
 
 
-def phash_quality(img: Image.Image) -> float:
-    """How far the pHash of `img` can be trusted for near matching, in [0, 1].
+def near_matchable(quality: int) -> bool:
+    """Whether a PDQ hash of this quality may be used for near matching."""
+    return quality >= MIN_PDQ_QUALITY
 
-    pHash thresholds the 8 x 8 lowest DCT coefficients of a 32 x 32 greyscale
-    copy at their median. A bit is stable only if its coefficient sits clearly
-    away from that median, so the score is the share of such robust bits,
-    reduced when either of two conditions makes even those bits fragile:
 
-    - too little contrast in the low frequencies (blank or single-colour
-      images, faint noise): the coefficients are rounding noise;
-    - detail energy mostly outside the hashed block (checkerboards, fine
-      patterns, noise): a resize or re-encode aliases it into the block.
+def pdq_hashes(img: Image.Image) -> tuple[list[int], int]:
+    """PDQ of the image and of its 7 rotations/flips (index 0 is the image itself), and its quality.
 
-    Images under 32 px on a side score 0, because pHash upsamples them.
-    Sparse spectra (a gradient, a disc, two halves) leave many coefficients
-    tied at the median and score low too: their bits flip with small shifts.
-    Compare the result with MIN_PHASH_QUALITY.
+    compute_dihedral costs about the same as one hash (the DCT is shared), so the
+    variants are always computed; matching uses them only when dihedral matching is on.
     """
-    return _quality_of_hash_source(_hash_source(img), shortest_side=min(img.size))
+    rgb = (img if img.mode == "RGB" else img.convert("RGB")).resize((PDQ_SIDE, PDQ_SIDE), Image.Resampling.LANCZOS)
+    bits, quality_of_all = pdqhash.compute_dihedral(np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8)))
+    quality = int(quality_of_all) if min(img.size) >= MIN_SIDE_FOR_PDQ else 0
+    return [_bits_to_int(variant) for variant in bits], quality
 
 
-def _hash_source(img: Image.Image) -> Image.Image:
-    """The 32 x 32 greyscale copy imagehash's pHash works on (same filter), so that
-    hashing it again is a no-op resize and gives the same hash as the full image."""
-    return img.convert("L").resize((_HASH_SOURCE_SIZE, _HASH_SOURCE_SIZE), Image.Resampling.LANCZOS)
+def pdq_hex(img: Image.Image) -> tuple[str, int]:
+    """The PDQ hash as 64 hex digits and its quality (0 for images under MIN_SIDE_FOR_PDQ)."""
+    variants, quality = pdq_hashes(img)
+    return pdq_hex_of_int(variants[0]), quality
 
 
-def _quality_of_hash_source(grey: Image.Image, shortest_side: int) -> float:
-    if shortest_side < _MIN_SIDE_FOR_PHASH:
-        return 0.0
-    # Orthonormal DCT: squared coefficients sum to the pixels' squared values (Parseval).
-    coefficients = dctn(np.asarray(grey, dtype=np.float64), norm="ortho")
-    block = coefficients[:_HASH_SIZE, :_HASH_SIZE]
-    energy = np.square(coefficients)
-    dc_energy = energy[0, 0]
-    detail_energy = energy.sum() - dc_energy
-    low_detail_energy = np.square(block).sum() - dc_energy
-    if low_detail_energy <= 0.0:
-        return 0.0
-
-    low_frequency_std = float(np.sqrt(low_detail_energy / energy.size))
-    contrast = min(1.0, low_frequency_std / _FULL_CONTRAST_GREY_LEVELS)
-    low_frequency_share = min(1.0, low_detail_energy / detail_energy / _FULL_LOW_FREQUENCY_SHARE)
-
-    detail_rms = np.sqrt(low_detail_energy / (block.size - 1))
-    distance_from_median = np.abs(block - np.median(block))
-    robust_share = float(np.mean(distance_from_median >= _ROBUST_BIT_MARGIN * detail_rms))
-    return robust_share * contrast * low_frequency_share
+def _bits_to_int(bits: np.ndarray) -> int:
+    return int.from_bytes(np.packbits(np.asarray(bits, dtype=np.uint8)).tobytes(), "big")
 
 
 def color_histogram(img: Image.Image) -> np.ndarray:
@@ -158,16 +169,27 @@ class ImageFeatures:
     """Every feature of one upload, computed once and passed between stages.
 
     `eq=False`: numpy arrays have no single truth value, so field-wise equality
-    would raise; compare fields explicitly. The arrays are read-only."""
+    would raise; compare fields explicitly. The arrays are read-only.
+    `pdq_variants` are the integer PDQs of the image's 8 rotations/flips, the
+    first being `pdq` itself."""
 
     md5: str
+    pdq: str
+    pdq_quality: int
+    pdq_variants: tuple[int, ...]
     phash: str
-    phash_quality: float
-    phash_reliable: bool
     histogram: np.ndarray
     cnn_input: np.ndarray
     width: int
     height: int
+
+    @property
+    def pdq_int(self) -> int:
+        return self.pdq_variants[0]
+
+    @property
+    def near_matchable(self) -> bool:
+        return near_matchable(self.pdq_quality)
 
 
 def extract_features(data: bytes, img: Image.Image, original_size: tuple[int, int]) -> ImageFeatures:
@@ -175,8 +197,7 @@ def extract_features(data: bytes, img: Image.Image, original_size: tuple[int, in
 
     `img` is the decoded (possibly draft-reduced) RGB image; `original_size` is
     the (width, height) of the full image, which a draft decode no longer has."""
-    hash_source = _hash_source(img)
-    quality = _quality_of_hash_source(hash_source, shortest_side=min(img.size))
+    variants, quality = pdq_hashes(img)
     histogram = color_histogram(img)
     tensor = cnn_input(img)
     histogram.setflags(write=False)
@@ -184,9 +205,10 @@ def extract_features(data: bytes, img: Image.Image, original_size: tuple[int, in
     width, height = original_size
     return ImageFeatures(
         md5=md5_hex(data),
-        phash=phash_hex(hash_source),
-        phash_quality=quality,
-        phash_reliable=bool(quality >= MIN_PHASH_QUALITY),
+        pdq=pdq_hex_of_int(variants[0]),
+        pdq_quality=quality,
+        pdq_variants=tuple(variants),
+        phash=phash_hex(img),
         histogram=histogram,
         cnn_input=tensor,
         width=width,

@@ -96,6 +96,7 @@ def pipeline_topics(settings: Settings) -> dict[str, dict[str, str]]:
         topics.dlq: {},
         f"{topics.state_prefix}.dedup": state,
         f"{topics.state_prefix}.references": state,
+        f"{topics.state_prefix}.banks": state,
     }
 
 

@@ -38,7 +38,7 @@ SCHEMA_VERSION = 1
 
 Label = Literal["normal", "adult"]
 Action = Literal["allow", "review", "block"]
-VerdictSource = Literal["exact_duplicate", "near_duplicate", "review_cache", "model"]
+VerdictSource = Literal["hash_bank", "exact_duplicate", "near_duplicate", "review_cache", "model"]
 DeadLetterReason = Literal[
     "invalid_event", "fetch_failed", "too_large", "decode_failed", "unsupported_format", "processing_failed"
 ]
@@ -143,6 +143,12 @@ PhashHex = Annotated[
     AfterValidator(str.lower),
     Field(description="64-bit perceptual hash, 16 hex digits (stored lower-case)."),
 ]
+PdqHex = Annotated[
+    str,
+    StringConstraints(pattern=r"^[0-9a-fA-F]{64}$"),
+    AfterValidator(str.lower),
+    Field(description="256-bit PDQ hash, 64 hex digits: pdqhash's bits in order, big-endian (stored lower-case)."),
+]
 Probability = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 
 
@@ -241,8 +247,8 @@ class Signals(_Record):
 
     knn: Probability | None = Field(None, description="Adult probability from the kNN vote.")
     cnn: Probability | None = Field(None, description="Adult probability from the CNN.")
-    hamming: Annotated[int, Field(ge=0, le=64)] | None = Field(
-        None, description="pHash distance to the matched image, for near duplicates."
+    pdq_distance: Annotated[int, Field(ge=0, le=256)] | None = Field(
+        None, description="PDQ Hamming distance to the matched image or bank entry (0 for an MD5 match)."
     )
     thresholds: Literal["bundle", "settings", "default"] | None = Field(
         None, description="Where the block/review thresholds of a model verdict came from: the bundle named by "
@@ -254,7 +260,18 @@ class Hashes(_Record):
     """The image's dedup keys."""
 
     md5: Md5Hex
-    phash: PhashHex
+    pdq: PdqHex
+    pdq_quality: Annotated[int, Field(ge=0, le=100)] = Field(
+        description="PDQ's own quality score; below 50 the hash is never used for near matching."
+    )
+    phash: PhashHex | None = Field(None, description="imagehash's 64-bit pHash, for consumers that index by it.")
+
+
+class Bank(_Record):
+    """The hash-bank entry a hash_bank verdict matched."""
+
+    name: NonEmptyStr
+    entry_id: NonEmptyStr | None = Field(None, description="The list's own id for the entry, when it gave one.")
 
 
 def _verdict_schema_extra(schema: dict[str, Any], model_cls: type[BaseModel]) -> None:
@@ -271,6 +288,11 @@ def _verdict_schema_extra(schema: dict[str, Any], model_cls: type[BaseModel]) ->
         {
             "if": {"properties": {"source": {"const": "model"}}},
             "then": {"properties": {"matched_image_id": {"type": "null"}}},
+        },
+        {
+            "if": {"properties": {"source": {"const": "hash_bank"}}},
+            "then": {"properties": {"bank": {"type": "object"}}, "required": ["bank"]},
+            "else": {"properties": {"bank": {"type": "null"}}},
         },
     ]
 
@@ -290,10 +312,15 @@ class Verdict(_Message):
     matched_image_id: NonEmptyStr | None = Field(
         None, description="The earlier image this one duplicates; required for duplicate sources."
     )
+    bank: Bank | None = Field(None, description="The matched hash-bank entry; set exactly when source is hash_bank.")
     signals: Signals
     hashes: Hashes
     model_version: NonEmptyStr = Field(description="Id of the model bundle that produced the verdict.")
     latency_ms: Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+    supersedes: NonEmptyStr | None = Field(
+        None, description="The event_id whose earlier verdict this one corrects (re-issued after a review); "
+                          "null for a first verdict."
+    )
     ts: Timestamp
 
     @model_validator(mode="after")
@@ -305,6 +332,10 @@ class Verdict(_Message):
         if self.source == "model" and self.matched_image_id is not None:
             raise PydanticCustomError(
                 "unexpected_match", "must be null when source is model", {"field": "matched_image_id"}
+            )
+        if (self.source == "hash_bank") != (self.bank is not None):
+            raise PydanticCustomError(
+                "bank_mismatch", "required when source is hash_bank, else null", {"field": "bank"}
             )
         return self
 
@@ -318,7 +349,8 @@ class ReviewDecision(_Message):
     label: Label
     reviewer: NonEmptyStr
     md5: Md5Hex | None = None
-    phash: PhashHex | None = None
+    pdq: PdqHex | None = None
+    phash: PhashHex | None = Field(None, description="Accepted for old producers; not used for matching.")
     ts: Timestamp
 
 

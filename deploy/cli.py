@@ -19,7 +19,7 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 
 # Modules that add subcommands of their own through ``register(subparsers, common)``;
 # they keep heavy imports inside their handlers so ``modstream --help`` stays fast.
-EXTENSIONS: tuple[str, ...] = ("deploy.bench.cli", "workers.jobs.cli")
+EXTENSIONS: tuple[str, ...] = ("deploy.bench.cli", "workers.jobs.cli", "deploy.bank_cli")
 
 
 def _env_help(text: str, section: str | None, field: str) -> str:
@@ -85,8 +85,19 @@ def cmd_verdicts(args: argparse.Namespace, settings: Settings) -> int:
     from deploy.clients import print_verdicts, read_verdicts
 
     settings = _require_bootstrap(settings)
-    print_verdicts(read_verdicts(settings, follow=args.follow, idle_s=args.idle), as_json=args.json)
+    verdicts = read_verdicts(settings, follow=args.follow, idle_s=args.idle, since_ms=args.since,
+                             image_id=args.image)
+    print_verdicts(verdicts, as_json=args.json)
     return 0
+
+
+def _since(text: str) -> int:
+    from deploy.clients import parse_since
+
+    try:
+        return parse_since(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cmd_review(args: argparse.Namespace, settings: Settings) -> int:
@@ -96,7 +107,7 @@ def cmd_review(args: argparse.Namespace, settings: Settings) -> int:
     settings = _require_bootstrap(settings)
     decision = ReviewDecision(image_id=args.image_id, label=args.label, reviewer=args.reviewer,
                               md5=args.md5, phash=args.phash)
-    publish_review(settings, decision)
+    publish_review(settings, decision, timeout_s=args.timeout)  # raises unless the broker acknowledged it
     print(f"review {args.image_id} -> {args.label} published to {settings.topics.reviews}", file=sys.stderr)
     return 0
 
@@ -160,13 +171,22 @@ def build_parser() -> argparse.ArgumentParser:
                          help="embed the bytes (data_b64) instead of a file:// URI; for small images")
     publish.set_defaults(handler=cmd_publish)
 
-    verdicts = sub.add_parser("verdicts", parents=[common], help="print verdicts from the verdict topic",
-                              description="Reads the verdict topic from the beginning and prints a table, "
-                                          "or JSON lines with --json.")
+    verdicts = sub.add_parser(
+        "verdicts", parents=[common], help="print verdicts from the verdict topic, oldest first",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Reads the verdict topic and prints a table, or JSON lines with --json, in the order of the "
+                    "records' Kafka timestamps across partitions (the newest verdict is the last line).\n\n"
+                    "examples:\n  modstream verdicts --since 15m\n"
+                    "  modstream verdicts --since 2026-11-23T10:00:00Z --image img-123 --json")
     verdicts.add_argument("--follow", action="store_true", help="keep waiting for new verdicts")
     verdicts.add_argument("--json", action="store_true", help="one JSON object per line")
+    verdicts.add_argument("--since", type=_since, default=None, metavar="WHEN",
+                          help="only verdicts written since WHEN: a duration back from now (90s, 15m, 2h, 1d) "
+                               "or an ISO 8601 date-time (UTC unless it names an offset)")
+    verdicts.add_argument("--image", default=None, metavar="IMAGE_ID", help="only verdicts for this image id")
     verdicts.add_argument("--idle", type=float, default=3.0,
-                          help="without --follow, stop after this many seconds with nothing new")
+                          help="without --follow, stop after this many seconds with nothing new "
+                               "(it stops sooner once the topic is read to its end)")
     verdicts.set_defaults(handler=cmd_verdicts)
 
     review = sub.add_parser("review", parents=[common], help="publish a human review decision",
@@ -178,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     review.add_argument("--reviewer", default="cli")
     review.add_argument("--md5", default=None, help="the image's MD5, when the pipeline has not seen it")
     review.add_argument("--phash", default=None, help="the image's perceptual hash (16 hex digits)")
+    review.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="how long to wait for the broker's acknowledgement; without it, exit 2")
     review.set_defaults(handler=cmd_review)
 
     run = sub.add_parser(

@@ -6,18 +6,25 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
+
 from common.config import Settings
 from common.errors import ModstreamError
 from common.kafkaio import make_consumer, make_producer, read_from_beginning
+from common.logend import log_end
 from common.messages import MessageError, ReviewDecision, UploadEvent, Verdict, parse_verdict, to_json_bytes
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
@@ -79,43 +86,121 @@ def publish_events(settings: Settings, events: Iterable[UploadEvent], timeout_s:
 
 
 def publish_review(settings: Settings, decision: ReviewDecision, timeout_s: float = 30.0) -> None:
-    producer = make_producer(settings)
+    """Send one decision keyed by image_id; PublishError unless the broker acknowledged it."""
     try:
-        producer.send(settings.topics.reviews, key=decision.image_id, value=to_json_bytes(decision))
+        producer = make_producer(settings, bootstrap_timeout_ms=int(timeout_s * 1000))
+    except KafkaError as exc:
+        raise PublishError(f"the review of {decision.image_id} was not sent: cannot reach Kafka at "
+                           f"{settings.kafka.bootstrap}: {exc}") from None
+    try:
+        future = producer.send(settings.topics.reviews, key=decision.image_id, value=to_json_bytes(decision))
         producer.flush(timeout=timeout_s)
+        future.get(timeout=timeout_s)
+    except KafkaError as exc:
+        raise PublishError(f"the broker did not acknowledge the review of {decision.image_id}: "
+                           f"{type(exc).__name__}: {exc}") from None
     finally:
-        producer.close()
+        producer.close(timeout=timeout_s)
+
+
+@dataclass(frozen=True, order=True)
+class TimedVerdict:
+    """A verdict with the Kafka record timestamp that orders it across partitions."""
+
+    timestamp_ms: int
+    partition: int
+    offset: int
+    verdict: Verdict = field(compare=False)
+
+
+def time_ordered(records: Iterable[TimedVerdict]) -> list[TimedVerdict]:
+    """By Kafka timestamp across partitions; ties keep partition then offset order."""
+    return sorted(records)
 
 
 def read_verdicts(settings: Settings, follow: bool, idle_s: float = 3.0,
-                  stop: Callable[[], bool] = lambda: False) -> Iterator[Verdict]:
-    """Every verdict on the topic from the beginning, without joining a group.
+                  stop: Callable[[], bool] = lambda: False, since_ms: int | None = None,
+                  image_id: str | None = None) -> Iterator[Verdict]:
+    """The verdicts on the topic in time order, without joining a group: those already there first
+    (from ``since_ms`` when given), then with ``follow`` each new poll's, in time order too.
 
-    Without ``follow`` it ends after ``idle_s`` with nothing new: the embedded
-    broker reports end offsets wrongly, so "caught up" means "quiet".
+    The backlog ends once every partition is read up to where it ended when the
+    reader started (see common.logend), or after ``idle_s`` with nothing new.
     """
     consumer = make_consumer(settings, topics=None, group_id=None)
     try:
-        read_from_beginning(consumer, [settings.topics.verdicts])
+        partitions = read_from_beginning(consumer, [settings.topics.verdicts])
+        if since_ms is not None:
+            _seek_to_time(consumer, partitions, since_ms)
+        listed = consumer.end_offsets(partitions)
+        backlog: list[TimedVerdict] = []
         last_seen = time.monotonic()
         while not stop():
-            batches = consumer.poll(timeout_ms=200)
-            for records in batches.values():
-                for record in records:
-                    last_seen = time.monotonic()
-                    try:
-                        yield parse_verdict(record.value)
-                    except MessageError as exc:
-                        print(f"skipping malformed verdict at {record.topic}[{record.partition}]@"
-                              f"{record.offset}: {exc}", file=sys.stderr)
-            if not follow and time.monotonic() - last_seen > idle_s:
-                return
+            fresh = _poll_verdicts(consumer, since_ms, image_id)
+            if fresh:
+                last_seen = time.monotonic()
+            backlog += fresh
+            reached = all(consumer.position(tp) >= log_end(listed[tp], consumer.highwater(tp)) for tp in partitions)
+            if reached or time.monotonic() - last_seen > idle_s:
+                break
+        for timed in time_ordered(backlog):
+            yield timed.verdict
+        while follow and not stop():
+            for timed in time_ordered(_poll_verdicts(consumer, since_ms, image_id)):
+                yield timed.verdict
     finally:
         consumer.close()
 
 
+def _seek_to_time(consumer: KafkaConsumer, partitions: list[TopicPartition], since_ms: int) -> None:
+    """Start each partition at its first record stamped ``since_ms`` or later (its end if none)."""
+    found = consumer.offsets_for_times(dict.fromkeys(partitions, since_ms))
+    ends = consumer.end_offsets(partitions)
+    for tp in partitions:
+        at = found.get(tp)
+        consumer.seek(tp, at.offset if at is not None else ends[tp])
+
+
+def _poll_verdicts(consumer: KafkaConsumer, since_ms: int | None, image_id: str | None) -> list[TimedVerdict]:
+    """One poll's verdicts that pass the filters; malformed records are reported and skipped."""
+    found = []
+    for records in consumer.poll(timeout_ms=200).values():
+        for record in records:
+            if since_ms is not None and record.timestamp < since_ms:
+                continue
+            try:
+                verdict = parse_verdict(record.value if record.value is not None else b"")
+            except MessageError as exc:
+                print(f"skipping malformed verdict at {record.topic}[{record.partition}]@{record.offset}: {exc}",
+                      file=sys.stderr)
+                continue
+            if image_id is None or verdict.image_id == image_id:
+                found.append(TimedVerdict(record.timestamp, record.partition, record.offset, verdict))
+    return found
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def parse_since(text: str, now_ms: int | None = None) -> int:
+    """``--since``: a duration back from now (``90s``, ``15m``, ``2h``, ``1d``) or an ISO 8601
+    date-time (UTC when it names no offset), as epoch milliseconds."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    match = _DURATION.match(text)
+    if match:
+        return now_ms - int(float(match.group(1)) * _UNIT_MS[match.group(2)])
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"not a duration (90s, 15m, 2h, 1d) or an ISO 8601 date-time: {text!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return int(moment.timestamp() * 1000)
+
+
 VERDICT_COLUMNS = ("image_id", "action", "label", "score", "source", "matched_image_id", "knn", "cnn",
-                   "hamming", "latency_ms")
+                   "pdq_distance", "latency_ms")
 
 
 def verdict_row(verdict: Verdict) -> dict[str, str]:
@@ -127,13 +212,14 @@ def verdict_row(verdict: Verdict) -> dict[str, str]:
         "matched_image_id": verdict.matched_image_id or "-",
         "knn": "-" if signals.knn is None else f"{signals.knn:.3f}",
         "cnn": "-" if signals.cnn is None else f"{signals.cnn:.3f}",
-        "hamming": "-" if signals.hamming is None else str(signals.hamming),
+        "pdq_distance": "-" if signals.pdq_distance is None else str(signals.pdq_distance),
         "latency_ms": f"{verdict.latency_ms:.1f}",
     }
     return cells
 
 
-def print_table(rows: list[dict[str, str]], columns: tuple[str, ...], out: TextIO = sys.stdout) -> None:
+def print_table(rows: list[dict[str, str]], columns: tuple[str, ...], out: TextIO | None = None) -> None:
+    out = out or sys.stdout  # looked up now, so a redirected stdout is honoured
     widths = {c: max([len(c)] + [len(row[c]) for row in rows]) for c in columns}
     print("  ".join(c.ljust(widths[c]) for c in columns), file=out)
     print("  ".join("-" * widths[c] for c in columns), file=out)
@@ -141,8 +227,9 @@ def print_table(rows: list[dict[str, str]], columns: tuple[str, ...], out: TextI
         print("  ".join(row[c].ljust(widths[c]) for c in columns), file=out)
 
 
-def print_verdicts(verdicts: Iterable[Verdict], as_json: bool, out: TextIO = sys.stdout) -> int:
+def print_verdicts(verdicts: Iterable[Verdict], as_json: bool, out: TextIO | None = None) -> int:
     """JSON lines, one per verdict as it arrives, or a table at the end."""
+    out = out or sys.stdout
     count = 0
     rows = []
     for verdict in verdicts:

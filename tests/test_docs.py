@@ -4,6 +4,7 @@ and none leads outside it."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -54,3 +55,30 @@ def test_relative_links_resolve_inside_the_repository(document: Path) -> None:
         elif fragment and resolved.suffix == ".md" and fragment not in anchors(resolved):
             broken.append(f"{target}: no heading #{fragment}")
     assert broken == []
+
+
+def schema_names(node: object, found: set[str] | None = None) -> set[str]:
+    """Every property name and every string enum / const value in a JSON Schema, nested ones included."""
+    found = set() if found is None else found
+    if isinstance(node, dict):
+        if isinstance(node.get("properties"), dict):
+            found.update(node["properties"])
+        found.update(value for value in node.get("enum", []) if isinstance(value, str))
+        if isinstance(node.get("const"), str):
+            found.add(node["const"])
+        for value in node.values():
+            schema_names(value, found)
+    elif isinstance(node, list):
+        for value in node:
+            schema_names(value, found)
+    return found
+
+
+@pytest.mark.parametrize("schema_file", sorted((REPO_ROOT / "common" / "schemas").glob("*.schema.json")),
+                         ids=lambda path: path.name)
+def test_contracts_page_explains_every_field_and_value(schema_file: Path) -> None:
+    """docs/contracts.md is what producers and consumers in other languages read: every field and every
+    allowed value of the normative schemas must appear there (as `code`)."""
+    contracts = (REPO_ROOT / "docs" / "contracts.md").read_text(encoding="utf-8")
+    schema = json.loads(schema_file.read_text(encoding="utf-8"))
+    assert sorted(name for name in schema_names(schema) if f"`{name}`" not in contracts) == []

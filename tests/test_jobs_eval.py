@@ -42,21 +42,21 @@ def test_measures_match_a_hand_computation() -> None:
     assert len(metrics["threshold_table"]) == 9  # 0.1 .. 0.9; the review and block thresholds are among them
 
 
-def record(md5: str, phash: str | None, reliable: bool = True, ok: bool = True) -> ScanRecord:
-    return ScanRecord(f"/{md5}.jpg", 0, None, ok, md5=md5, phash=phash, phash_reliable=reliable)
+def record(md5: str, pdq: str | None, reliable: bool = True, ok: bool = True) -> ScanRecord:
+    return ScanRecord(f"/{md5}.jpg", 0, None, ok, md5=md5, pdq=pdq, pdq_quality=100 if reliable else 10)
 
 
 def test_dedup_effect_counts_exact_then_near_copies_in_order() -> None:
-    base = 0x0123456789ABCDEF
+    base = int("0123456789ABCDEF" * 4, 16)
     records = [
-        record("a", f"{base:016x}"),
-        record("a", f"{base:016x}"),  # byte copy
-        record("c", f"{base ^ 0b111:016x}"),  # 3 bits away: near copy
-        record("d", f"{base ^ (2**40 - 1):016x}"),  # 40 bits away: new
+        record("a", f"{base:064x}"),
+        record("a", f"{base:064x}"),  # byte copy
+        record("c", f"{base ^ 0b111:064x}"),  # 3 bits away: near copy
+        record("d", f"{base ^ (2**40 - 1):064x}"),  # 40 bits away: new
         record("e", None, reliable=False, ok=False),  # unreadable: not counted
-        record("f", f"{base:016x}", reliable=False),  # same pHash but unreliable: never matched
+        record("f", f"{base:064x}", reliable=False),  # same PDQ but quality < 50: never matched
     ]
-    effect = dedup_effect(records, max_distance=10)
+    effect = dedup_effect(records, max_distance=31)
     assert (effect["images"], effect["exact_duplicates"], effect["near_duplicates"]) == (5, 1, 1)
     assert effect["not_reviewed_share"] == pytest.approx(2 / 5)
 

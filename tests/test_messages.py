@@ -47,6 +47,7 @@ from common.schemas import build_schema, load_schema, render_schema, stale_schem
 TS = "2026-11-23T10:00:00Z"
 MD5 = "0123456789abcdef0123456789abcdef"
 PHASH = "fedcba9876543210"
+PDQ = "f0e1d2c3b4a5968778695a4b3c2d1e0f" * 2
 
 
 def upload_doc(**changes: Any) -> dict[str, Any]:
@@ -72,8 +73,8 @@ def verdict_doc(**changes: Any) -> dict[str, Any]:
         "score": 0.73,
         "source": "near_duplicate",
         "matched_image_id": "img-0",
-        "signals": {"knn": 0.81, "cnn": None, "hamming": 3, "thresholds": None},
-        "hashes": {"md5": MD5, "phash": PHASH},
+        "signals": {"knn": 0.81, "cnn": None, "pdq_distance": 3, "thresholds": None},
+        "hashes": {"md5": MD5, "pdq": PDQ, "pdq_quality": 100, "phash": PHASH},
         "model_version": "bundle-2026-11-01",
         "latency_ms": 41.5,
         "ts": TS,
@@ -198,7 +199,7 @@ def test_messages_built_in_code_round_trip() -> None:
             score=0.02,
             source="model",
             signals=Signals(knn=0.1, cnn=0.02),
-            hashes=Hashes(md5=MD5, phash=PHASH),
+            hashes=Hashes(md5=MD5, pdq=PDQ, pdq_quality=90),
             model_version="b1",
             latency_ms=12,
         ),
@@ -239,8 +240,9 @@ def test_accepts_str_bytearray_and_memoryview() -> None:
 
 
 def test_hashes_are_normalised_to_lower_case() -> None:
-    verdict = parse_verdict(encode(verdict_doc(hashes={"md5": MD5.upper(), "phash": PHASH.upper()})))
-    assert verdict.hashes == Hashes(md5=MD5, phash=PHASH)
+    verdict = parse_verdict(encode(verdict_doc(hashes={"md5": MD5.upper(), "pdq": PDQ.upper(), "pdq_quality": 100,
+                                                       "phash": PHASH.upper()})))
+    assert verdict.hashes == Hashes(md5=MD5, pdq=PDQ, pdq_quality=100, phash=PHASH)
     assert parse_review_decision(encode(review_doc(md5=MD5.upper()))).md5 == MD5
 
 
@@ -275,7 +277,7 @@ def test_unknown_fields_are_ignored_top_level_and_nested() -> None:
 @pytest.mark.parametrize(
     ("message_cls", "field"),
     [(cls, field) for cls, fields in REQUIRED_ON_WIRE.items() for field in fields]
-    + [(Verdict, "hashes.md5"), (Verdict, "hashes.phash")],
+    + [(Verdict, "hashes.md5"), (Verdict, "hashes.pdq"), (Verdict, "hashes.pdq_quality")],
     ids=lambda value: value.__name__ if isinstance(value, type) else value,
 )
 def test_missing_required_field_is_named(message_cls: type, field: str) -> None:
@@ -312,8 +314,11 @@ BAD_VALUES = [
     (Verdict, "source", "cache", True),
     (Verdict, "signals", "high", True),
     (Verdict, "signals.knn", -0.1, True),
-    (Verdict, "signals.hamming", 2.5, True),
-    (Verdict, "signals.hamming", 65, True),
+    (Verdict, "signals.pdq_distance", 2.5, True),
+    (Verdict, "signals.pdq_distance", 257, True),
+    (Verdict, "hashes.pdq", "0" * 63, True),
+    (Verdict, "hashes.pdq_quality", 101, True),
+    (Verdict, "bank", {"name": "ncmec"}, True),  # a bank on a near_duplicate verdict
     (Verdict, "hashes.md5", "xyz", True),
     (Verdict, "hashes.phash", "0" * 17, True),
     (Verdict, "latency_ms", -1, True),
@@ -321,6 +326,7 @@ BAD_VALUES = [
     (ReviewDecision, "label", 1, True),
     (ReviewDecision, "reviewer", ["alice"], True),
     (ReviewDecision, "phash", "not-hex-at-all!!", True),
+    (ReviewDecision, "pdq", "f" * 65, True),
     (DeadLetter, "reason", "exploded", True),
     (DeadLetter, "detail", None, True),
     (DeadLetter, "original_encoding", "hex", True),

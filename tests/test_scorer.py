@@ -106,7 +106,7 @@ class Fakes:
     def scorer(self, classify=None, should_stop=lambda: False) -> Scorer:
         lookups = Lookups(dedup=self.dedup, knn=self.knn, classify=classify or self.classify,
                           wait_for_reviews=self.wait_for_reviews)
-        return Scorer(lookups, "bundle-1", phash_max_distance=10, attempts=3, should_stop=should_stop,
+        return Scorer(lookups, "bundle-1", pdq_max_distance=31, attempts=3, should_stop=should_stop,
                       sleep=lambda s: None)
 
 

@@ -40,7 +40,7 @@ from common import metrics  # by module: Ray pickles actor classes by value
 from common.bundle import resolve_bundle
 from common.config import Settings
 from common.decisions import entry_for
-from common.dedupstate import ImageRecord, shard_of
+from common.dedupstate import ImageRecord, quantise_histogram, shard_of
 from common.errors import ModstreamError
 from common.fusion import FusionTree, Thresholds, applied_thresholds
 from common.kafkaio import make_producer
@@ -122,7 +122,7 @@ class IngestWorker:
         self.scorer = Scorer(
             Lookups(dedup=self._lookup, knn=self._knn, classify=self._classify,
                     wait_for_reviews=self._wait_for_reviews),
-            bundle.id, pipeline.phash_max_distance, attempts=pipeline.batch_attempts,
+            bundle.id, pipeline.pdq_max_distance, pipeline.pdq_dihedral, attempts=pipeline.batch_attempts,
             should_stop=self.stopping.is_set)
         self.sink = VerdictSink(self.producer, settings.topics.verdicts, settings.topics.dlq,
                                 remember=self._remember, wait_remembered=self._wait_remembered,
@@ -397,8 +397,8 @@ class IngestWorker:
                 entries[shard_of(f.md5, shards)].append(
                     entry_for(item.event, f, decision, decision.model_version or self.bundle_id))
             images[shard_of(item.event.image_id, shards)].append(ImageRecord(
-                image_id=item.event.image_id, md5=f.md5, phash=f.phash, phash_reliable=f.phash_reliable,
-                histogram=[round(float(x), 6) for x in f.histogram]))
+                image_id=item.event.image_id, md5=f.md5, pdq=f.pdq, pdq_quality=f.pdq_quality,
+                histogram=quantise_histogram(f.histogram)))
         return [shard.remember_many.remote(entries[i], images[i])
                 for i, shard in enumerate(self.shards) if entries[i] or images[i]]
 

@@ -24,7 +24,7 @@ from workers.classifier import classifier_app
 from workers.dedup import DedupShard
 from workers.ingest import Ingest
 from workers.knn import KnnReplica
-from workers.review import ReviewFeedback
+from workers.review import ReviewFeedback, wait_until_caught_up
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,9 @@ class Pipeline:
         ray.get([shard.stats.remote() for shard in self.shards] +
                 [replica.size.remote() for replica in self.knn_replicas])
         self.review = ReviewFeedback.options(**ACTOR_OPTIONS).remote(settings, self.shards, self.knn_replicas)
+        if not wait_until_caught_up(self.review, int(time.time() * 1000), pipeline.review_backlog_wait_s):
+            log.warning("the review backlog was not applied within %.0f s; scoring uploads anyway",
+                        pipeline.review_backlog_wait_s)
         self.ingest = [self._new_ingest(i) for i in range(pipeline.ingest_actors)]
         ray.get([actor.stats.remote() for actor in self.ingest])
         return self

@@ -31,6 +31,7 @@ from common.decisions import (
     decide_from_match,
     decide_from_model,
     to_verdict,
+    variants,
 )
 from common.decode import decode_image
 from common.dedupstate import Match
@@ -52,10 +53,10 @@ from common.messages import (
 
 log = logging.getLogger(__name__)
 
-LOOKUP_RESULTS = {"exact": "exact", "near": "near", "image_review": "review"}
+LOOKUP_RESULTS = {"exact": "exact", "near": "near", "image_review": "review", "bank": "bank"}
 MAX_BACKOFF_S = 5.0
 
-Query = tuple[str, str, bool, str]  # md5, phash, phash_reliable, image_id (workers.dedup.Query)
+Query = tuple[str, tuple[int, ...], int, str]  # md5, PDQ variants, PDQ quality, image_id (workers.dedup.lookup_all)
 
 
 class Unavailable(ModstreamError):
@@ -221,12 +222,14 @@ class FiniteFusion:
 class Scorer:
     """Items to outcomes, in order; one outcome per item."""
 
-    def __init__(self, lookups: Lookups, bundle_id: str, phash_max_distance: int, attempts: int = 3,
+    def __init__(self, lookups: Lookups, bundle_id: str, pdq_max_distance: int, dihedral: bool = False,
+                 attempts: int = 3,
                  should_stop: Callable[[], bool] = lambda: False,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self.lookups = lookups
         self.bundle_id = bundle_id
-        self.phash_max_distance = phash_max_distance
+        self.pdq_max_distance = pdq_max_distance
+        self.dihedral = dihedral
         self.attempts = attempts
         self.should_stop = should_stop
         self.sleep = sleep
@@ -294,7 +297,7 @@ class Scorer:
         """Dedup first; only images with no earlier verdict reach kNN and the CNN."""
         features = [item.features for item in items]
         started = time.perf_counter()
-        matches = self.lookups.dedup([(f.md5, f.phash, f.phash_reliable, item.event.image_id)
+        matches = self.lookups.dedup([(f.md5, variants(f, self.dihedral), f.pdq_quality, item.event.image_id)
                                       for f, item in zip(features, items, strict=True)])
         if len(matches) != len(items):
             raise ValueError(f"dedup answered {len(matches)} of {len(items)} queries")
@@ -307,7 +310,7 @@ class Scorer:
         for i, match in enumerate(matches):
             if match is not None:
                 decisions[i] = _per_record(decide_from_match, items[i].event, match)
-        copies = batch_copies([features[i] for i in unmatched], self.phash_max_distance)
+        copies = batch_copies([features[i] for i in unmatched], self.pdq_max_distance, self.dihedral)
         leaders = [i for position, i in enumerate(unmatched) if position not in copies]
         for copy in copies.values():  # found inside this batch, before dedup state knew the original
             metrics.DEDUP_LOOKUPS.labels(result="exact" if copy.exact else "near").inc()

@@ -17,7 +17,7 @@ from deploy.bench.report import BenchError
 
 SUITES: dict[str, str] = {
     "knn": "HNSW reference index vs brute force",
-    "dedup": "multi-index pHash lookup vs linear Hamming scan",
+    "dedup": "multi-index PDQ lookup vs linear Hamming scan",
     "features": "decode / MD5 / pHash / histogram per image, with and without draft decoding",
     "classifier": "CNN images/s by batch size, in-process and through Ray Serve",
     "pipeline": "Kafka -> Ray -> Kafka against the embedded broker vs CNN ceiling, CPU limit, naive loop",
@@ -51,8 +51,8 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     dedup.add_argument("--hashes", type=int, nargs="+", metavar="N",
                        help=_defaults("stored hash counts", sizes.DEDUP_HASHES))
     dedup.add_argument("--distances", type=int, nargs="+", metavar="D",
-                       help="max Hamming distances (default 8, pipeline.phash_max_distance, 12)")
-    dedup.add_argument("--hash-kinds", nargs="+", choices=("random", "scenes"), default=["random", "scenes"],
+                       help="max Hamming distances (default 23, pipeline.pdq_max_distance, 39)")
+    dedup.add_argument("--hash-kinds", nargs="+", choices=("random", "photos"), default=["random", "photos"],
                        help="random: uniform 64-bit hashes; scenes: pHashes of synthetic scenes (default both)")
     dedup.add_argument("--dedup-queries", type=int, help=_defaults(
         "queries per repeat, half near copies of stored hashes", sizes.DEDUP_QUERIES))

@@ -43,8 +43,8 @@ def cmd_data_check(args: argparse.Namespace, settings: Settings) -> int:
     fractions = parse_fractions(args.split)
     with ray_session(settings.ray_address):
         summary = run_check(args.dataset, Path(args.out), settings.load_limits(), settings.pipeline.draft_size,
-                            args.phash_max_distance if args.phash_max_distance is not None
-                            else settings.pipeline.phash_max_distance, fractions, args.seed, args.placeholder_min)
+                            args.pdq_max_distance if args.pdq_max_distance is not None
+                            else settings.pipeline.pdq_max_distance, fractions, args.seed, args.placeholder_min)
     _show({key: summary[key] for key in ("files", "status", "classes_after", "leakage_after_split")}
           | {"leakage": len(summary["leakage"]), "report": str(Path(args.out) / "hygiene" / "report.md")})
     return 0
@@ -115,7 +115,7 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
         if args.dataset is not None:
             metrics = evaluate(Path(args.dataset), Path(args.bundle), out, settings.load_limits(),
                                settings.pipeline.draft_size, KnnSearch.of(settings),
-                               settings.pipeline.phash_max_distance, settings.thresholds)
+                               settings.pipeline.pdq_max_distance, settings.thresholds)
             shown.update({"report": str(out / "report.md"), "images": metrics["images"],
                           "adult_f1": {name: m["per_class"]["adult"]["f1"] for name, m in metrics["signals"].items()},
                           "actions": metrics["actions"], "dedup": metrics["dedup"]})
@@ -164,8 +164,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     check.add_argument("--seed", type=int, default=0)
     check.add_argument("--placeholder-min", type=int, default=5,
                        help="identical files at least this many times are dead-link placeholders (default 5)")
-    check.add_argument("--phash-max-distance", type=int, default=None,
-                       help="near-duplicate pHash distance (default: the pipeline's)")
+    check.add_argument("--pdq-max-distance", type=int, default=None,
+                       help="near-duplicate PDQ distance in bits (default: the pipeline's, 31)")
     check.set_defaults(handler=cmd_data_check)
 
     index = sub.add_parser("index", help="reference index tools")

@@ -26,7 +26,7 @@ import numpy as np
 
 from common.bundle import load_bundle
 from common.config import ThresholdConfig
-from common.features import phash_to_int
+from common.features import near_matchable, pdq_to_int
 from common.fetch import LoadLimits
 from common.fusion import applied_thresholds
 from common.hashindex import HashIndex
@@ -75,7 +75,7 @@ def compute_metrics(labels: np.ndarray, signals: Mapping[str, np.ndarray], revie
 
 def dedup_effect(records: Sequence[ScanRecord], max_distance: int) -> dict[str, Any]:
     """Walk the readable images in order as the pipeline would: a byte copy of an earlier image is an exact
-    duplicate, one within max_distance pHash bits of an earlier reliable hash a near duplicate."""
+    duplicate, one within max_distance PDQ bits of an earlier near-matchable hash a near duplicate."""
     seen: set[str] = set()
     index = HashIndex(max_distance)
     total = exact = near = 0
@@ -87,16 +87,16 @@ def dedup_effect(records: Sequence[ScanRecord], max_distance: int) -> dict[str, 
             exact += 1
             continue
         seen.add(record.md5)  # type: ignore[arg-type]
-        if record.phash_reliable:
-            value = phash_to_int(record.phash)  # type: ignore[arg-type]
-            if index.nearest(value) is not None:
+        if near_matchable(record.pdq_quality):
+            value = pdq_to_int(record.pdq)  # type: ignore[arg-type]
+            if index.query(value):
                 near += 1
                 continue
-            index.add(value, record.md5)  # type: ignore[arg-type]
+            index.add(value)
     shares = {name: count / total if total else 0.0
               for name, count in (("exact_share", exact), ("near_share", near), ("not_reviewed_share", exact + near))}
     return {"images": total, "exact_duplicates": exact, "near_duplicates": near, **shares,
-            "phash_max_distance": max_distance}
+            "pdq_max_distance": max_distance}
 
 
 def write_report(out: Path, metrics: dict[str, Any], title: str) -> None:
@@ -142,7 +142,7 @@ def write_report(out: Path, metrics: dict[str, Any], title: str) -> None:
         "## Dedup effect", "",
         f"Of {dedup['images']} readable images as collected, {dedup['exact_duplicates']} are byte copies "
         f"({dedup['exact_share']:.1%}) and {dedup['near_duplicates']} more near copies within "
-        f"{dedup['phash_max_distance']} pHash bits ({dedup['near_share']:.1%}): a reviewer would not see "
+        f"{dedup['pdq_max_distance']} PDQ bits ({dedup['near_share']:.1%}): a reviewer would not see "
         f"{dedup['not_reviewed_share']:.1%} of them.", "",
     ]
     (out / "report.md").write_text("\n".join(lines))

@@ -4,7 +4,7 @@ What goes wrong with scraped image sets (shared/seeds): dead links that all
 return the same placeholder image, files that do not decode, the same photo
 several times, and above all the same photo (or a resized copy) in both the
 training and the test split, which makes every metric lie. Each image is
-hashed exactly as the pipeline hashes it (MD5 of the bytes, pHash of the draft
+hashed exactly as the pipeline hashes it (MD5 of the bytes, PDQ of the draft
 decode), so "duplicate" means here what it means online.
 
 What happens to each image (its ``status``):
@@ -14,7 +14,7 @@ What happens to each image (its ``status``):
   exact_duplicate  same bytes as a kept image in the same split
   label_conflict   its duplicate group carries both labels: nobody knows which is right
   leakage          (given splits only) a duplicate of an image in an earlier split
-Near duplicates (pHash within ``phash_max_distance``, reliable hashes only) are
+Near duplicates (PDQ within ``pdq_max_distance``, quality >= 50 only: the dedup rule) are
 kept but grouped, and a group never spans splits.
 """
 
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from common.features import extract_features, phash_to_int
+from common.features import extract_features, near_matchable, pdq_to_int
 from common.fetch import LoadLimits
 from common.hashindex import HashIndex
 from common.loaderrors import LoadError
@@ -56,8 +56,8 @@ class ScanRecord:
     ok: bool
     reason: str | None = None
     md5: str | None = None
-    phash: str | None = None
-    phash_reliable: bool = False
+    pdq: str | None = None
+    pdq_quality: int = 0
     width: int = 0
     height: int = 0
 
@@ -83,7 +83,7 @@ def scan_chunk(samples: list[Sample], limits: LoadLimits, draft: int) -> list[Sc
             continue
         features = extract_features(data, image, (width, height))
         records.append(ScanRecord(sample.uri, sample.label, sample.split, True, md5=features.md5,
-                                  phash=features.phash, phash_reliable=features.phash_reliable,
+                                  pdq=features.pdq, pdq_quality=features.pdq_quality,
                                   width=width, height=height))
     return records
 
@@ -116,12 +116,14 @@ def analyse(records: Sequence[ScanRecord], placeholder_min: int, max_distance: i
     for i in usable:
         groups.union(first_of_md5.setdefault(records[i].md5, i), i)  # type: ignore[arg-type]
     index = HashIndex(max_distance)
+    near_positions: list[int] = []  # index id -> record position
     for i in first_of_md5.values():
-        if records[i].phash_reliable:
-            hash_int = phash_to_int(records[i].phash)  # type: ignore[arg-type]
-            for key, _ in index.query(hash_int):
-                groups.union(int(key), i)
-            index.add(hash_int, str(i))
+        if near_matchable(records[i].pdq_quality):
+            hash_int = pdq_to_int(records[i].pdq)  # type: ignore[arg-type]
+            for position, _ in index.query(hash_int):
+                groups.union(near_positions[position], i)
+            index.add(hash_int)
+            near_positions.append(i)
 
     members: dict[int, list[int]] = defaultdict(list)
     for i in usable:
@@ -233,10 +235,10 @@ def write_report(folder: Path, summary: dict[str, Any], checked: Sequence[Checke
         "# Dataset hygiene", "",
         f"{summary['files']} files scanned.", "",
         reporting.markdown_table(["status", "files"], status_rows), "",
-        f"Unreadable by reason: {summary['unreadable_reasons'] or 'none'}. "
-        f"Placeholder files: {summary['status'].get('placeholder', 0)} "
-        f"({len(summary['placeholder_hashes'])} distinct image(s) repeated {placeholder_min}+ times). "
-        f"Images in near-duplicate groups: {summary['images_in_near_duplicate_groups']}.", "",
+        (f"Unreadable by reason: {summary['unreadable_reasons'] or 'none'}. "
+         f"Placeholder files: {summary['status'].get('placeholder', 0)} "
+         f"({len(summary['placeholder_hashes'])} distinct image(s) repeated {placeholder_min}+ times). "
+         f"Images in near-duplicate groups: {summary['images_in_near_duplicate_groups']}."), "",
         "## Leakage across the given splits", "",
         (reporting.markdown_table(["image", "split", "duplicate of"],
                                   [(row["image"], row["split"], row["duplicate_of"]) for row in leakage[:50]])
@@ -290,7 +292,7 @@ def run_check(dataset: str | Path, out: Path, limits: LoadLimits, draft: int, ma
     write_records(out / RECORDS_FILE, checked)
     summary = summarise(checked, splits)
     summary["settings"] = {"dataset": str(dataset), "seed": seed, "fractions": list(fractions),
-                           "placeholder_min": placeholder_min, "phash_max_distance": max_distance,
+                           "placeholder_min": placeholder_min, "pdq_max_distance": max_distance,
                            "draft_size": draft}
     write_report(out / HYGIENE_DIR, summary, checked, placeholder_min)
     return summary
