@@ -201,7 +201,7 @@ def poll_records(consumer: KafkaConsumer, timeout_ms: int, max_records: int | No
     """
     try:
         polled = consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
-    except Exception as exc:  # noqa: BLE001 - inspected below; anything not a decode failure is re-raised
+    except Exception as exc:  # inspected below; anything not a decode failure is re-raised
         failed = _failed_batch(exc)
         if failed is None:
             raise

@@ -36,7 +36,7 @@ def test_config_file_from_the_environment_and_lists_from_commas(tmp_path) -> Non
 def test_bad_values_name_the_setting_and_its_variable() -> None:
     with pytest.raises(ConfigError, match=r"pipeline.dedup_shards \(MODSTREAM_PIPELINE_DEDUP_SHARDS\)"):
         load_settings(env={"MODSTREAM_PIPELINE_DEDUP_SHARDS": "zero"})
-    with pytest.raises(ConfigError, match="thresholds.block"):
+    with pytest.raises(ConfigError, match=r"thresholds\.block"):
         load_settings({"thresholds": {"block": 1.5}}, env={})
 
 

@@ -145,7 +145,7 @@ def test_an_undecodable_batch_neither_stalls_other_partitions_nor_looks_idle(top
 
     polls: list[Polled] = []
     wait_for(lambda: polls.append(poll_records(consumer, timeout_ms=200)) or
-             sum(len(p.records) for p in polls) == 1 and sum(len(p.undecodable) for p in polls) == 1,
+             (sum(len(p.records) for p in polls) == 1 and sum(len(p.undecodable) for p in polls) == 1),
              30, interval_s=0, message="the record on partition 1 and the batch on partition 0")
     assert [p.idle for p in polls].count(False) == 2  # one poll had the record, one the skipped batch
 

@@ -74,12 +74,12 @@ def run(args: argparse.Namespace, settings: Settings) -> SuiteResult:
                              "producer CPU us": produce_us[codec], "consumer CPU us": consume_us[codec],
                              "total CPU us": total, "CPU vs none": ratios(total, none_total)})
     result.notes += [
-        "wire bytes: record batches (header + compressed payload) as kafka-python 3.0.12 builds them, "
-        "one per partition per flushed group; request framing is left out (the same for every codec)",
-        "CPU: process time of this Python process (producer with its sender thread, then the consumer); "
-        "the broker's own CPU is not counted",
-        f"the default for modstream's producers is kafka.compression_type = {settings.kafka.compression_type!r} "
-        "(MODSTREAM_KAFKA_COMPRESSION_TYPE)",
+        ("wire bytes: record batches (header + compressed payload) as kafka-python 3.0.12 builds them, "
+        "one per partition per flushed group; request framing is left out (the same for every codec)"),
+        ("CPU: process time of this Python process (producer with its sender thread, then the consumer); "
+        "the broker's own CPU is not counted"),
+        (f"the default for modstream's producers is kafka.compression_type = {settings.kafka.compression_type!r} "
+        "(MODSTREAM_KAFKA_COMPRESSION_TYPE)"),
     ]
     return result
 

@@ -65,8 +65,8 @@ def run(args: argparse.Namespace, settings: Settings) -> SuiteResult:
         (single_speedup.median >= GOAL_SPEEDUP and recall >= GOAL_RECALL) if at_goal_size else None,
         "" if at_goal_size else f"run with --refs {GOAL_REFS} to test the goal"))
     result.notes += [
-        "memory: hnswlib = growth of this process's RSS while building (graph, vectors, per-reference locks "
-        "and label map; noise below ~10 MB); brute force = the float32 embedding matrix it scans",
+        ("memory: hnswlib = growth of this process's RSS while building (graph, vectors, per-reference locks "
+        "and label map; noise below ~10 MB); brute force = the float32 embedding matrix it scans"),
         f"batched = one call with {len(batch)} queries; brute force computes the full distance matrix",
         "histograms: clustered sparse palettes, counts / pixels (deploy/bench/synthetic.py)",
     ]
