@@ -58,6 +58,15 @@ class DecoderUnavailableError(ModstreamError):
     """No decode worker could be started, or one answered nonsense: a fault of this host, not of an image."""
 
 
+class _WorkerLost(Exception):
+    """The worker was killed from outside (SIGKILL, e.g. the OOM killer) or exited: maybe not
+    this image's doing, so it is tried once more on a fresh worker before `error` is final."""
+
+    def __init__(self, error: LoadError) -> None:
+        super().__init__(error.detail)
+        self.error = error
+
+
 class _WorkerGone(Exception):
     """The worker closed its end, or did not answer in time (timed_out)."""
 
@@ -80,11 +89,16 @@ class DecoderUsage:
 def decode_in_worker(data: bytes, limits: LoadLimits, draft_to: tuple[int, int] | None) -> Image.Image:
     """common.decode.decode_in_process(data, limits, draft_to), run in a budgeted worker."""
     pool = _pool()
-    worker = pool.acquire(limits)
-    try:
-        return worker.decode(data, limits, draft_to)
-    finally:
-        pool.release(worker)
+    for attempt in range(2):
+        worker = pool.acquire(limits)
+        try:
+            return worker.decode(data, limits, draft_to)
+        except _WorkerLost as lost:
+            if attempt == 1:  # twice in a row: this image is what kills it
+                raise lost.error from lost
+        finally:
+            pool.release(worker)
+    raise AssertionError("unreachable")
 
 
 def decoder_usage() -> DecoderUsage:
@@ -161,7 +175,10 @@ class _Worker:
         except LoadError:
             raise
         except _WorkerGone as exc:
-            raise self._failure(exc.timed_out, wall_s, limits) from exc
+            error = self._failure(exc.timed_out, wall_s, limits)
+            if not exc.timed_out and self.process.returncode in (0, -signal.SIGKILL):
+                raise _WorkerLost(error) from exc
+            raise error from exc
         except BaseException:
             self.kill()  # interrupted mid-exchange, or an answer that breaks the protocol
             raise
@@ -217,13 +234,24 @@ class _Worker:
             os.kill(self.process.pid, signal.SIGKILL)  # unreaped, so the pid is still ours even if it exited
             self._reap()
 
+    def exited(self) -> bool:
+        """Whether the process is gone (reaped now if so), without waiting."""
+        if self.process.returncode is None:
+            pid, status, usage = os.wait4(self.process.pid, os.WNOHANG)
+            if pid == 0:
+                return False
+            self.process.returncode = os.waitstatus_to_exitcode(status)
+            self.cpu_s = usage.ru_utime + usage.ru_stime
+        return True
+
     def close(self) -> None:
         """Let an idle worker exit on its own (it sees end of file) and reap it."""
         if self.alive:
             self.alive = False
             self.sock.close()
             self.shared.close()
-            self._reap()
+            if self.process.returncode is None:
+                self._reap()
 
     def _reap(self) -> None:
         """Wait for the worker to exit and keep its status and final CPU (os.wait4: Popen drops the
@@ -251,16 +279,16 @@ class _Pool:
                 self._changed.wait()
             if self._idle:
                 worker = self._idle.pop()
-                if worker.fits(limits):
+                if worker.fits(limits) and not worker.exited():
                     return worker
-                outgrown = worker  # its shared memory is too small for these limits: replace it
+                replaced = worker  # died while idle (killed from outside), or its shared memory is too small
             else:
-                outgrown = None
+                replaced = None
             self._starting += 1
-        if outgrown is not None:
-            outgrown.close()
+        if replaced is not None:
+            replaced.close()
             with self._changed:
-                self._retire(outgrown)
+                self._retire(replaced)
         try:
             worker = _Worker(limits)
         finally:
@@ -352,6 +380,8 @@ def _receive_exactly(sock: socket.socket, size: int, deadline: float | None) -> 
     view = memoryview(buffer)
     received = 0
     try:
+        # None: wait as long as it takes (a worker waiting for its next request, however idle).
+        sock.settimeout(None if deadline is None else max(0.001, deadline - time.monotonic()))
         while received < size:
             if deadline is not None:
                 sock.settimeout(max(0.001, deadline - time.monotonic()))

@@ -7,6 +7,8 @@ which the worker's RLIMIT_AS guarantees, are asserted, never timings."""
 from __future__ import annotations
 
 import io
+import os
+import signal
 import struct
 import zlib
 from collections.abc import Callable, Iterator
@@ -200,3 +202,15 @@ def test_the_memory_estimate_refuses_before_decoding() -> None:
     error = refusal(data, LoadLimits(decode_memory_bytes=8 << 20))
     assert error.reason == "too_large"
     assert "budget 8 MiB" in error.detail
+
+
+def test_a_worker_killed_while_idle_is_replaced_not_blamed_on_the_next_image() -> None:
+    from common import decodeworker
+
+    image = encode(Image.new("RGB", (8, 8), (200, 0, 0)), "PNG")
+    stop_decoders()
+    decode_image(image, LIMITS)
+    idle = decodeworker._pool()._idle  # white box: the one idle worker this process has
+    assert len(idle) == 1
+    os.kill(idle[0].process.pid, signal.SIGKILL)  # the OOM killer, an operator, ...
+    assert decode_image(image, LIMITS).getpixel((4, 4)) == (200, 0, 0)
