@@ -44,7 +44,7 @@ def test_folder_csv_and_jsonl_datasets_give_label_ids(tmp_path) -> None:
     assert (only.uri, only.label, only.split) == ("s3://bucket/x.jpg", 1, "validation")
 
     (tmp_path / "bad.csv").write_text("path,label\na.jpg,nsfw\n")
-    with pytest.raises(JobError, match="bad.csv:2: unknown label 'nsfw'"):
+    with pytest.raises(JobError, match=r"bad\.csv:2: unknown label 'nsfw'"):
         read_dataset(tmp_path / "bad.csv")
     (tmp_path / "mixed.csv").write_text("path,label,split\na.jpg,adult,train\nb.jpg,normal,\n")
     with pytest.raises(JobError, match="some images have a split"):
