@@ -123,7 +123,7 @@ def test_dedup_state_survives_a_restart(start_pipeline, make_settings) -> None:
     outputs.wait(1)
     first.stop()
 
-    second, outputs = start_pipeline(settings)
+    _, outputs = start_pipeline(settings)
     copy = UploadEvent(event_id=str(uuid.uuid4()), image_id="rocket-again",
                        data_b64=__import__("base64").b64encode(original.read_bytes()).decode())
     publish_events(settings, [copy])
