@@ -226,7 +226,8 @@ def test_verdicts_apply_and_name_the_bundle_that_scored_them(start_pipeline, mak
 
     from common.config import ClassifierConfig
     from deploy.clients import publish_events, upload_event_for
-    from workers.classifier import classifier_app
+    from tests.conftest import wait_for
+    from workers.classifier import DEPLOYMENT_NAME, classifier_app
     from workers.ingest import APP_NAME
 
     photos = sorted(SAMPLES.glob("*.jpg"))
@@ -253,14 +254,17 @@ def test_verdicts_apply_and_name_the_bundle_that_scored_them(start_pipeline, mak
 
         # Switch the replicas to the default bundle: the same ingest actors stamp the new id.
         serve.run(classifier_app(str(default_bundle().path), config), name=APP_NAME, route_prefix=None)
+        handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=APP_NAME)
+        wait_for(lambda: all(handle.bundle_id.remote().result() == default_bundle().id for _ in range(3)),
+                 timeout_s=120, message="the replicas to serve the default bundle")
         publish_events(pipeline.settings, [upload_event_for(photos[2], inline=True)])
-        outputs.wait(2)
+        outputs.wait(2, timeout_s=180)
         switched = outputs.by_image()[photos[2].stem]
         assert (switched.model_version, switched.signals.thresholds) == (default_bundle().id, "bundle")
         assert switched.action == "allow"
         # A copy of the first image keeps the verdict and provenance it was remembered with.
         publish_events(pipeline.settings, [upload_event_for(photos[0], inline=True, image_id="copy-of-first")])
-        outputs.wait(3)
+        outputs.wait(3, timeout_s=180)
         copy = outputs.by_image()["copy-of-first"]
         assert copy.source == "exact_duplicate" and copy.model_version == "trained-low-thresholds"
     finally:
