@@ -21,7 +21,7 @@ from tests.conftest import Outputs, wait_for
 
 SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
 SECRETS = (b"hunter2", b"tok-secret")
-FETCH = {"fetch_failed", "processing_failed"}  # processing_failed until fetch refuses these itself
+FETCH = {"fetch_failed"}
 pytestmark = pytest.mark.integration
 
 
