@@ -255,7 +255,7 @@ def test_a_review_published_before_its_copy_applies_to_it_on_start(start_pipelin
     pipeline is down. Slowed, the review sits behind three others and each takes two seconds to
     apply: ingest would be polling long before the review took effect."""
     settings = make_settings()
-    original = SAMPLES / "beach-01.jpg"
+    original = SAMPLES / "coffee.jpg"
     model = _score_original_then_stop(start_pipeline, settings, original)
     label = "normal" if model.label == "adult" else "adult"
 
@@ -263,14 +263,14 @@ def test_a_review_published_before_its_copy_applies_to_it_on_start(start_pipelin
     for decision in [*others, ReviewDecision(image_id=original.stem, label=label, reviewer="test")]:
         publish_review(settings, decision)
     _publish_raw(settings, settings.topics.reviews, b'{"schema": 1, "image_id": "x"}')  # no label: malformed
-    copy = upload_event_for(_resized(original, tmp_path), inline=True, image_id="beach-01-copy")
+    copy = upload_event_for(_resized(original, tmp_path), inline=True, image_id="coffee-copy")
     publish_events(settings, [copy])
 
     if slowed:
         monkeypatch.setattr("workers.pipeline.ReviewFeedback", SlowedReviewFeedback)
     pipeline, outputs = start_pipeline(settings)
     outputs.wait(2, dead_letters=1)
-    verdict = outputs.by_image()["beach-01-copy"]
+    verdict = outputs.by_image()["coffee-copy"]
     assert (verdict.action, verdict.label, verdict.source, verdict.matched_image_id) == \
         (REVIEW_ACTIONS[label][0], label, "review_cache", original.stem)
     [dead] = outputs.dead_letters
@@ -284,7 +284,7 @@ def test_a_review_published_before_its_copy_applies_to_it_on_start(start_pipelin
 def test_a_review_survives_a_restart_through_the_changelog_not_by_being_applied_again(start_pipeline, make_settings,
                                                                                       tmp_path) -> None:
     settings = make_settings()
-    original = SAMPLES / "city-01.jpg"
+    original = SAMPLES / "astronaut.jpg"
     pipeline, outputs = start_pipeline(settings)
     publish_events(settings, [upload_event_for(original, inline=True)])
     outputs.wait(1)
@@ -295,9 +295,9 @@ def test_a_review_survives_a_restart_through_the_changelog_not_by_being_applied_
 
     restarted, outputs = start_pipeline(settings)  # returns once the review backlog is applied
     assert restarted.stats()["reviews_applied"] == 0  # committed: the state came back from the changelog
-    publish_events(settings, [upload_event_for(_resized(original, tmp_path), inline=True, image_id="city-01-copy")])
+    publish_events(settings, [upload_event_for(_resized(original, tmp_path), inline=True, image_id="astronaut-copy")])
     outputs.wait(2)
-    copy = outputs.by_image()["city-01-copy"]
+    copy = outputs.by_image()["astronaut-copy"]
     assert (copy.action, copy.label, copy.source, copy.matched_image_id) == \
         (REVIEW_ACTIONS[label][0], label, "review_cache", original.stem)
 
@@ -367,14 +367,14 @@ def _rewind_reviews(settings) -> None:
 def test_a_late_review_reissues_superseding_verdicts_exactly_once_across_a_restart(start_pipeline, make_settings,
                                                                                   tmp_path) -> None:
     settings = make_settings(pipeline={"reissue_window_s": 600})
-    original = SAMPLES / "beach-01.jpg"
+    original = SAMPLES / "cat.jpg"
     pipeline, outputs = start_pipeline(settings)
     publish_events(settings, [upload_event_for(original, inline=True)])
     outputs.wait(1)
-    publish_events(settings, [upload_event_for(_resized(original, tmp_path), inline=True, image_id="beach-01-copy")])
+    publish_events(settings, [upload_event_for(_resized(original, tmp_path), inline=True, image_id="cat-copy")])
     outputs.wait(2)
     scored = outputs.by_image()
-    assert scored["beach-01-copy"].matched_image_id == original.stem
+    assert scored["cat-copy"].matched_image_id == original.stem
     label = "normal" if scored[original.stem].label == "adult" else "adult"
 
     publish_review(settings, ReviewDecision(image_id=original.stem, label=label, reviewer="test"))
@@ -385,7 +385,7 @@ def test_a_late_review_reissues_superseding_verdicts_exactly_once_across_a_resta
     restarted, outputs = start_pipeline(settings)
     wait_for(lambda: restarted.stats()["reviews_applied"] >= 1, message="the review applied again")
     assert restarted.stats()["reviews_reissued"] == 0
-    publish_events(settings, [upload_event_for(original, inline=True, image_id="beach-01-again")])
+    publish_events(settings, [upload_event_for(original, inline=True, image_id="cat-again")])
     outputs.wait(5)  # two first verdicts, two re-issued, one for the new copy
 
     verdicts = list(read_verdicts(settings, follow=False))
@@ -395,7 +395,7 @@ def test_a_late_review_reissues_superseding_verdicts_exactly_once_across_a_resta
     assert {(v.action, v.label, v.source, v.matched_image_id) for v in superseding} == \
         {(action, label, "review_cache", original.stem)}
     assert {v.image_id: v.hashes for v in superseding} == {v.image_id: v.hashes for v in scored.values()}
-    again = next(v for v in verdicts if v.image_id == "beach-01-again")
+    again = next(v for v in verdicts if v.image_id == "cat-again")
     assert (again.action, again.source, again.supersedes) == (action, "review_cache", None)
 
 
