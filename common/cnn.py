@@ -14,12 +14,14 @@ with outputs identical to batch 1 (FACTS.md: 96 img/s at batch 1, 193 at 32).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from common.bundle import CnnSpec
 from common.errors import ModstreamError
 
+Forward = Callable[[np.ndarray], Any]  # preprocessed float images -> probabilities (a tensor or a dict)
 CAFFE_MEAN_BGR = np.array([104.0, 117.0, 123.0], dtype=np.float32)
 PREPROCESSING: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "scale_128": lambda x: (x.astype(np.float32) - 128.0) / 128.0,
@@ -52,32 +54,33 @@ class CnnModel:
         except (OSError, ValueError, tf.errors.OpError) as exc:
             raise CnnError(f"cannot load {spec.format} model from {spec.path}: {exc}") from exc
 
-    def _load_frozen_graph(self, tf):
+    def _load_frozen_graph(self, tf: Any) -> Forward:
         graph_def = tf.compat.v1.GraphDef()
         graph_def.ParseFromString(self.spec.path.read_bytes())
         size = self.spec.input_size
 
-        def imported(images):
+        def imported(images: Any) -> Any:
             outputs = tf.compat.v1.import_graph_def(
                 graph_def, input_map={self.spec.input_tensor: images},
                 return_elements=[self.spec.output_tensor], name="")
             return outputs[0]
 
         signature = tf.TensorSpec([None, size, size, 3], tf.float32)
-        wrapped = tf.compat.v1.wrap_function(imported, [signature])
+        wrapped: Forward = tf.compat.v1.wrap_function(imported, [signature])
         return wrapped
 
-    def _load_keras(self, tf):
+    def _load_keras(self, tf: Any) -> Forward:
         model = tf.keras.models.load_model(self.spec.path, compile=False)
-        return tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+        forward: Forward = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+        return forward
 
-    def _load_saved_model(self, tf):
+    def _load_saved_model(self, tf: Any) -> Forward:
         self._saved_model = tf.saved_model.load(str(self.spec.path))  # a signature needs its object alive
         signature = self._saved_model.signatures["serving_default"]
         input_name = self.spec.input_tensor or next(iter(signature.structured_input_signature[1]))
         output_name = self.spec.output_tensor
 
-        def forward(images):
+        def forward(images: np.ndarray) -> Any:
             outputs = signature(**{input_name: tf.constant(images)})
             return outputs[output_name] if output_name else next(iter(outputs.values()))
 

@@ -137,6 +137,16 @@ class PipelineConfig(_Section):
     knn_k: int = Field(10, ge=1)
     knn_ef: int = Field(100, ge=1)
     draft_size: int = Field(256, ge=32)
+    # How often a failing batch step (dedup lookup, model call, publishing) is tried before the
+    # batch is split to find the record to blame; a dependency that is down is waited for instead.
+    batch_attempts: int = Field(3, ge=1)
+    # How long a batch waits for ReviewFeedback to apply every review published before its newest
+    # record; past it the batch is scored anyway (counted in modstream_review_sync_timeouts_total).
+    # Reviews are polled every 200 ms, so 2 s covers a busy review topic without stalling ingest.
+    review_sync_timeout_s: float = Field(2.0, ge=0)
+    # How long a revoked partition's in-flight batches may take to settle before its offsets are
+    # committed and it is handed over; what is not settled by then is replayed by the next owner.
+    revoke_drain_timeout_s: float = Field(30.0, gt=0)
 
     # -- reviews against uploads (workers/review.py) --
     # Start-up scores no upload before the review backlog is applied, waiting at most this long.

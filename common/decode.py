@@ -22,6 +22,7 @@ decode_failed for data no decoder accepts, unsupported_format for the rest.
 from __future__ import annotations
 
 import io
+from typing import cast
 
 from PIL import Image, ImageFile, JpegImagePlugin
 
@@ -84,7 +85,7 @@ def decode_in_process(data: bytes, limits: LoadLimits, draft_to: tuple[int, int]
     except MemoryError as exc:
         raise LoadError("too_large", f"decoding this {image_format} needs more than the memory budget "
                                      f"({limits.decode_memory_bytes >> 20} MiB)") from exc
-    except Exception as exc:  # noqa: BLE001 - hostile bytes make Pillow raise anything; all mean "corrupt"
+    except Exception as exc:  # hostile bytes make Pillow raise anything: all of it means "corrupt"
         raise LoadError("decode_failed", f"corrupt {image_format} data: {type(exc).__name__}: {exc}") from exc
 
 
@@ -111,24 +112,34 @@ def _decode(data: bytes, image_format: str, limits: LoadLimits, draft_to: tuple[
         raise LoadError("too_large", f"{width}x{height} pixels, limit {limits.max_pixels}")
     if width == 0 or height == 0:
         raise LoadError("decode_failed", f"image has no pixels ({width}x{height})")
-    orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
-    stored_target = None
-    if draft_to is not None:
-        stored_target = draft_to[::-1] if orientation in _ORIENTATIONS_SWAPPING_AXES else draft_to
-        if isinstance(image, JpegImagePlugin.JpegImageFile):
-            image.draft("RGB", stored_target)
-    needed = estimated_decode_bytes(image, image_format, (width, height), stored_target)
+    is_jpeg = isinstance(image, JpegImagePlugin.JpegImageFile)
+    # A JPEG's EXIF is in its header, and its draft must be set before decoding. Other formats' EXIF
+    # may follow the pixels (PNG's getexif() decodes the whole image): read it after the memory check.
+    orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1) if is_jpeg else None
+    if draft_to is not None and is_jpeg:
+        image.draft("RGB", _stored(draft_to, orientation))
+    targets = [None] if draft_to is None else [_stored(draft_to, orientation), _stored(draft_to, 6)]
+    needed = max(estimated_decode_bytes(image, image_format, (width, height), target) for target in targets)
     if needed > limits.decode_memory_bytes:
         raise LoadError("too_large", f"decoding this {width}x{height} {image.mode} {image_format} needs about "
                                      f"{needed >> 20} MiB, budget {limits.decode_memory_bytes >> 20} MiB")
+    if orientation is None:
+        orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+    stored_target = None if draft_to is None else _stored(draft_to, orientation)
     image.load()  # frame 0 only: Pillow decodes later frames only on seek()
+    pixels: Image.Image = image
     if stored_target is not None and image.mode in _REDUCIBLE_MODES:
-        image = _reduced(image, stored_target)
-    rgb = to_rgb(image)
+        pixels = _reduced(image, stored_target)
+    rgb = to_rgb(pixels)
     if stored_target is not None:
         rgb = _reduced(rgb, stored_target)
     transpose = _TRANSPOSE_FOR_ORIENTATION.get(orientation)
     return rgb.transpose(transpose) if transpose is not None else rgb
+
+
+def _stored(upright: tuple[int, int], orientation: int | None) -> tuple[int, int]:
+    """The (width, height) in the file's own orientation of a target given upright (None: as stored)."""
+    return (upright[1], upright[0]) if orientation in _ORIENTATIONS_SWAPPING_AXES else upright
 
 
 def _reduced(image: Image.Image, target: tuple[int, int]) -> Image.Image:
@@ -143,23 +154,26 @@ def estimated_decode_bytes(image: ImageFile.ImageFile, image_format: str, full_s
     The decoded frame (three copies for WebP, a premultiplied copy when reducing
     alpha), a progressive JPEG's coefficients (kept for the whole image, even
     when drafting), and the conversion to RGB (4 bytes a pixel, 8 with alpha or
-    high depth) at the size it happens.
+    high depth) at the size it happens. Checked against the worker's measured
+    peaks on the decode-bomb corpus (tests/test_decode_bombs.py).
     """
     width, height = image.size
     frame = width * height * _BYTES_PER_STORED_PIXEL.get(image.mode, 4) * _FRAME_COPIES.get(image_format, 1)
     coefficients = 0
     if image_format == "JPEG" and image.info.get("progressive"):
         coefficients = full_size[0] * full_size[1] * len(image.getbands()) * 2
-    converted = width * height
+    converted, factor = width * height, 1
     if stored_target is not None and image.mode in _REDUCIBLE_MODES:
         factor = max(1, min(width // stored_target[0], height // stored_target[1]))
         converted //= factor * factor
         if factor > 1 and image.mode in ("LA", "RGBA"):
             frame += width * height * 4  # Pillow reduces these through a premultiplied full-size copy
-    per_pixel = 0 if image.mode == "RGB" else 4
+    per_pixel = 4  # the RGB result (or, for RGB, the reduced copy)
     if image.mode in _HIGH_DEPTH_MODES or _has_alpha(image):
-        per_pixel = 8
-    return frame + coefficients + converted * (per_pixel + 4)  # + 4: the RGB result (or reduced copy)
+        per_pixel = 8  # an intermediate (grey or RGBA) and the result
+    elif image.mode == "RGB" and factor == 1:
+        per_pixel = 0  # already what we return
+    return frame + coefficients + converted * per_pixel
 
 
 def _has_alpha(image: Image.Image) -> bool:
@@ -195,7 +209,7 @@ def _grey_to_l(image: Image.Image) -> Image.Image:
     """
     if image.mode in _SIXTEEN_BIT_MODES:
         image = image.convert("I")
-    low, high = image.getextrema()
+    low, high = cast(tuple[float, float], image.getextrema())  # one band: (min, max)
     if image.mode == "I" and low >= 0 and high <= 0xFFFF:
         return image.point(lambda value: value * (1 / 256)).convert("L")
     if image.mode == "F" and low >= 0.0 and high <= 1.0:

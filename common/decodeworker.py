@@ -10,14 +10,17 @@ worker that dies or overruns is reaped and replaced on the next call.
 
 Workers are plain ``python -c`` processes started on first use (never forked
 from a process that runs threads) and reused; each process keeps up to
-limits.decode_workers of them, so that many decodes run in parallel. Requests
-and replies travel over a Unix socket pair as JSON headers plus raw bytes, never
-pickles: a decoder subverted by a crafted file cannot run code in the caller.
+limits.decode_workers of them, so that many decodes run in parallel. The file's
+bytes and the decoded pixels pass through memory shared with the worker (no
+copies through the kernel); requests and replies are small JSON messages over a
+Unix socket pair, never pickles: a decoder subverted by a crafted file cannot
+run code in the caller.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import resource
 import signal
@@ -29,7 +32,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from PIL import Image
 
@@ -41,12 +44,13 @@ __all__ = ["DecoderUnavailableError", "DecoderUsage", "decode_in_worker", "decod
 
 _LENGTH = struct.Struct("<Q")
 _MAX_HEADER_BYTES = 64 * 1024
-_SOCKET_BUFFER_BYTES = 4 << 20  # Linux caps it at net.core.wmem_max (often 4 MiB, at least 208 KiB)
+_KEEP_SHARED_BYTES = 48 << 20  # shared memory a worker keeps resident between decodes (a 12 MP image)
+_CHUNK_BYTES = 1 << 20
 _START_TIMEOUT_S = 60.0  # imports on a loaded machine; a worker starts once, then serves many decodes
 _BLOCK_BYTES = 16 << 20  # Pillow's default image block
 _CACHED_BLOCKS = 4
 _SLACK_BYTES = (64 << 20) + _CACHED_BLOCKS * _BLOCK_BYTES  # codecs loaded on first use, stacks, cached blocks
-_ENTRY = "import sys; from common.decodeworker import serve; serve(int(sys.argv[1]))"
+_ENTRY = "import sys; from common.decodeworker import serve; serve(*map(int, sys.argv[1:]))"
 _PROJECT_ROOT = str(Path(__file__).resolve().parents[1])
 
 
@@ -69,22 +73,22 @@ class DecoderUsage:
     cpu_s: float
     """CPU seconds of every worker ever started, those that died included."""
     peak_rss_bytes: int
-    """The highest peak resident memory the workers alive or ended since the last stop_decoders()
-    reported after a decode (a worker killed mid-decode never reports that decode's peak)."""
+    """The highest peak resident memory of the workers alive or ended since the last stop_decoders(),
+    as they last reported it (a worker killed mid-decode never reports that decode's peak)."""
 
 
 def decode_in_worker(data: bytes, limits: LoadLimits, draft_to: tuple[int, int] | None) -> Image.Image:
     """common.decode.decode_in_process(data, limits, draft_to), run in a budgeted worker."""
     pool = _pool()
-    worker = pool.acquire(limits.decode_workers)
+    worker = pool.acquire(limits)
     try:
-        width, height, pixels = worker.decode(data, limits, draft_to)
+        return worker.decode(data, limits, draft_to)
     finally:
         pool.release(worker)
-    return Image.frombytes("RGB", (width, height), pixels)
 
 
 def decoder_usage() -> DecoderUsage:
+    """Asks each idle worker (a round trip each): for benchmarks and tests, not for every decode."""
     return _pool().usage()
 
 
@@ -98,21 +102,30 @@ def stop_decoders() -> None:
 
 
 class _Worker:
-    def __init__(self) -> None:
+    """One worker process, its socket and the shared memory that carries the image both ways:
+    the file's bytes at the start, the decoded RGB pixels after input_capacity."""
+
+    def __init__(self, limits: LoadLimits) -> None:
+        self.input_capacity = -(-limits.max_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
+        self.output_capacity = limits.max_pixels * 3
+        shared_fd = os.memfd_create("modstream-decode", os.MFD_CLOEXEC)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        for end in (ours, theirs):  # an image in one write: fewer wake-ups of either side per decode
-            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER_BYTES)
         # The worker imports this very module, wherever this process found it.
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (_PROJECT_ROOT,
                                                                           os.environ.get("PYTHONPATH"))))}
         try:
-            self.process = subprocess.Popen([sys.executable, "-c", _ENTRY, str(theirs.fileno())],
-                                            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env,
-                                            start_new_session=True)
+            os.ftruncate(shared_fd, self.input_capacity + self.output_capacity)  # sparse: pages come on use
+            self.shared = mmap.mmap(shared_fd, self.input_capacity + self.output_capacity)
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", _ENTRY, str(theirs.fileno()), str(shared_fd), str(self.input_capacity),
+                 str(self.output_capacity)],
+                pass_fds=(theirs.fileno(), shared_fd), stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         except OSError as exc:
+            ours.close()
             raise DecoderUnavailableError(f"cannot start a decode worker: {exc}") from exc
         finally:
             theirs.close()
+            os.close(shared_fd)
         self.sock = ours
         self.alive = True
         self.cpu_s = 0.0
@@ -124,26 +137,27 @@ class _Worker:
             raise DecoderUnavailableError(f"decode worker did not start (exit status "
                                           f"{self.process.returncode})") from exc
 
-    def decode(self, data: bytes, limits: LoadLimits,
-               draft_to: tuple[int, int] | None) -> tuple[int, int, bytearray]:
-        """(width, height, RGB bytes), or LoadError; a worker that dies or hangs is reaped first."""
+    def fits(self, limits: LoadLimits) -> bool:
+        return limits.max_bytes <= self.input_capacity and limits.max_pixels * 3 <= self.output_capacity
+
+    def decode(self, data: bytes, limits: LoadLimits, draft_to: tuple[int, int] | None) -> Image.Image:
+        """The decoded RGB image, or LoadError; a worker that dies or hangs is reaped first."""
         # The CPU timer is the budget; this only catches a stuck worker, with room for a starved machine.
         wall_s = max(30.0, limits.decode_cpu_s * 10)
         deadline = time.monotonic() + wall_s
-        request = {"draft": draft_to, "limits": {
+        request = {"draft": draft_to, "size": len(data), "limits": {
             "max_bytes": limits.max_bytes, "max_pixels": limits.max_pixels, "formats": limits.formats,
             "decode_cpu_s": limits.decode_cpu_s, "decode_memory_bytes": limits.decode_memory_bytes}}
         try:
+            self.shared[:len(data)] = data
             _send(self.sock, json.dumps(request).encode(), deadline)
-            _send(self.sock, data, deadline)
             reply = _read_json(self.sock, deadline)
-            self._note_usage(reply)
             if not reply.get("ok"):
                 raise LoadError(reply["reason"], str(reply["detail"]))
             width, height = (int(side) for side in reply["size"])
             if not (width > 0 and height > 0 and width * height <= limits.max_pixels):
                 raise DecoderUnavailableError(f"decode worker answered an impossible size {width}x{height}")
-            pixels = _receive(self.sock, deadline, width * height * 3)
+            image = self._pixels(width, height)
         except LoadError:
             raise
         except _WorkerGone as exc:
@@ -151,7 +165,23 @@ class _Worker:
         except BaseException:
             self.kill()  # interrupted mid-exchange, or an answer that breaks the protocol
             raise
-        return width, height, pixels
+        finally:
+            self._release_pages(len(data), 0)
+        self._release_pages(0, width * height * 3)
+        return image
+
+    def _pixels(self, width: int, height: int) -> Image.Image:
+        """A copy of the RGB pixels the worker left in shared memory, as an image of its own."""
+        start = self.input_capacity
+        with memoryview(self.shared)[start:start + width * height * 3] as view:
+            # Mode RGB is always copied (its layout differs from the buffer's), so nothing stays shared.
+            return Image.frombuffer("RGB", (width, height), cast(bytes, view), "raw", "RGB", 0, 1)
+
+    def _release_pages(self, input_bytes: int, output_bytes: int) -> None:
+        """Give large images' pages back: shared memory otherwise stays resident at its largest use."""
+        for start, used in ((0, input_bytes), (self.input_capacity, output_bytes)):
+            if used > _KEEP_SHARED_BYTES and self.alive:
+                self.shared.madvise(mmap.MADV_REMOVE, start, -(-used // mmap.PAGESIZE) * mmap.PAGESIZE)
 
     def _failure(self, timed_out: bool, wall_s: float, limits: LoadLimits) -> LoadError:
         self.kill()
@@ -163,6 +193,15 @@ class _Worker:
         name = signal.Signals(-status).name if status < 0 and -status in signal.valid_signals() else status
         return LoadError("decode_failed", f"the decoder crashed on this image ({name})")
 
+    def refresh_usage(self) -> None:
+        """Ask the idle worker for its CPU and peak memory (not part of every reply: reading the peak
+        costs the worker more than a small decode)."""
+        try:
+            _send(self.sock, json.dumps({"usage": True}).encode(), time.monotonic() + _START_TIMEOUT_S)
+            self._note_usage(_read_json(self.sock, time.monotonic() + _START_TIMEOUT_S))
+        except (_WorkerGone, ValueError):
+            self.kill()
+
     def _note_usage(self, reply: dict[str, Any]) -> None:
         self.cpu_s = float(reply.get("cpu_s", self.cpu_s))
         self.peak_rss_bytes = max(self.peak_rss_bytes, int(reply.get("peak_rss_bytes", 0)))
@@ -173,6 +212,7 @@ class _Worker:
             return
         self.alive = False
         self.sock.close()
+        self.shared.close()
         if self.process.returncode is None:
             os.kill(self.process.pid, signal.SIGKILL)  # unreaped, so the pid is still ours even if it exited
             self._reap()
@@ -182,6 +222,7 @@ class _Worker:
         if self.alive:
             self.alive = False
             self.sock.close()
+            self.shared.close()
             self._reap()
 
     def _reap(self) -> None:
@@ -197,7 +238,6 @@ class _Pool:
     """This process's workers: reused, at most `most` at a time, replaced when they die."""
 
     def __init__(self) -> None:
-        self.pid = os.getpid()
         self._changed = threading.Condition()
         self._idle: list[_Worker] = []
         self._live: set[_Worker] = set()
@@ -205,15 +245,24 @@ class _Pool:
         self._retired_cpu_s = 0.0
         self._retired_peak_rss = 0
 
-    def acquire(self, most: int) -> _Worker:
+    def acquire(self, limits: LoadLimits) -> _Worker:
         with self._changed:
-            while not self._idle and len(self._live) + self._starting >= most:
+            while not self._idle and len(self._live) + self._starting >= limits.decode_workers:
                 self._changed.wait()
             if self._idle:
-                return self._idle.pop()
+                worker = self._idle.pop()
+                if worker.fits(limits):
+                    return worker
+                outgrown = worker  # its shared memory is too small for these limits: replace it
+            else:
+                outgrown = None
             self._starting += 1
+        if outgrown is not None:
+            outgrown.close()
+            with self._changed:
+                self._retire(outgrown)
         try:
-            worker = _Worker()
+            worker = _Worker(limits)
         finally:
             with self._changed:
                 self._starting -= 1
@@ -248,21 +297,32 @@ class _Pool:
 
     def usage(self) -> DecoderUsage:
         with self._changed:
+            idle, self._idle = self._idle, []
+        for worker in idle:
+            worker.refresh_usage()
+        with self._changed:
+            for worker in idle:
+                if worker.alive:
+                    self._idle.append(worker)
+                else:
+                    self._retire(worker)
+            self._changed.notify_all()
             return DecoderUsage(self._retired_cpu_s + sum(worker.cpu_s for worker in self._live),
                                 max([self._retired_peak_rss, *(worker.peak_rss_bytes for worker in self._live)]))
 
 
-_POOL: _Pool | None = None
-_POOL_LOCK = threading.Lock()
+_POOLS: dict[int, _Pool] = {}
+_POOLS_LOCK = threading.Lock()
 
 
 def _pool() -> _Pool:
     """The pool of this process: a forked child starts its own rather than share its parent's sockets."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None or _POOL.pid != os.getpid():
-            _POOL = _Pool()
-        return _POOL
+    with _POOLS_LOCK:
+        pid = os.getpid()
+        if pid not in _POOLS:
+            _POOLS.clear()
+            _POOLS[pid] = _Pool()
+        return _POOLS[pid]
 
 
 # --- framing: 8-byte length, then the bytes ------------------------------------------------------
@@ -279,11 +339,10 @@ def _send(sock: socket.socket, payload: bytes, deadline: float) -> None:
         raise _WorkerGone(str(exc)) from exc
 
 
-def _receive(sock: socket.socket, deadline: float | None, expected: int | None = None,
-             most: int | None = None) -> bytearray:
-    """One message; `expected` its exact length, `most` its largest allowed length."""
+def _receive(sock: socket.socket, deadline: float | None, most: int) -> bytearray:
+    """One message of at most `most` bytes."""
     length = _LENGTH.unpack(_receive_exactly(sock, _LENGTH.size, deadline))[0]
-    if (expected is not None and length != expected) or (most is not None and length > most):
+    if length > most:
         raise _WorkerGone(f"message of {length} bytes")
     return _receive_exactly(sock, length, deadline)
 
@@ -317,47 +376,75 @@ def _read_json(sock: socket.socket, deadline: float | None) -> dict[str, Any]:
 # --- the worker's side ---------------------------------------------------------------------------
 
 
-def serve(fd: int) -> None:
+def serve(fd: int, shared_fd: int, input_capacity: int, output_capacity: int) -> None:
     """The worker's loop: decode each request under the budgets it names, until the caller hangs up."""
-    from common.decode import decode_in_process  # imports Pillow's codecs before the idle size is taken
+    import common.decode  # noqa: F401 - Pillow and its codecs, loaded before the idle size is taken
 
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash on a crafted file leaves no core dump behind
     sock = socket.socket(fileno=fd)
+    shared = mmap.mmap(shared_fd, input_capacity + output_capacity)
+    os.close(shared_fd)
     Image.init()
     # Keep a few freed image blocks for the next decode instead of faulting in fresh pages each time
     # (measured: a quarter of the decode's CPU on 1024x768 drafts). Their room is in _SLACK_BYTES.
     Image.core.set_blocks_max(_CACHED_BLOCKS)
     Image.core.set_block_size(_BLOCK_BYTES)
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    idle_bytes = _address_space_bytes()
+    idle_bytes = _address_space_bytes()  # the shared memory's mapping included
     _send_json(sock, _usage())
     while True:
         try:
             request = json.loads(_receive(sock, None, most=_MAX_HEADER_BYTES))
-            data = bytes(_receive(sock, None))
         except _WorkerGone:
             return
-        limits = LoadLimits(**request["limits"])
-        draft = tuple(request["draft"]) if request["draft"] else None
-        cap = idle_bytes + limits.decode_memory_bytes + _SLACK_BYTES
-        reply: dict[str, Any]
-        pixels = b""
-        resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
-        signal.setitimer(signal.ITIMER_PROF, limits.decode_cpu_s)
+        if "usage" in request:
+            reply = _usage()
+        else:
+            reply = _decode_request(request, shared, input_capacity, output_capacity, idle_bytes, hard)
         try:
-            image = decode_in_process(data, limits, draft)  # type: ignore[arg-type]
-            pixels = image.tobytes()
-            reply = {"ok": True, "size": image.size}
-            del image
-        except LoadError as exc:
-            reply = {"ok": False, "reason": exc.reason, "detail": exc.detail}
-        finally:
-            signal.setitimer(signal.ITIMER_PROF, 0)
-            resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
-        del data
-        _send_json(sock, {**reply, **_usage()})
-        if reply["ok"]:
-            _send(sock, pixels, time.monotonic() + _START_TIMEOUT_S)
+            _send_json(sock, reply)
+        except _WorkerGone:  # the caller went away mid-decode
+            return
+
+
+def _decode_request(request: dict[str, Any], shared: mmap.mmap, input_capacity: int, output_capacity: int,
+                    idle_bytes: int, hard: int) -> dict[str, Any]:
+    """Decode the image in shared memory under the request's budgets; the pixels go back there."""
+    from common.decode import decode_in_process
+
+    limits = LoadLimits(**request["limits"])
+    draft = (int(request["draft"][0]), int(request["draft"][1])) if request["draft"] else None
+    cap = idle_bytes + limits.decode_memory_bytes + _SLACK_BYTES
+    resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+    signal.setitimer(signal.ITIMER_PROF, limits.decode_cpu_s)
+    try:
+        image = decode_in_process(shared[:min(request["size"], input_capacity)], limits, draft)
+        if image.width * image.height * 3 > output_capacity:
+            raise LoadError("too_large", f"{image.width}x{image.height} pixels, limit {limits.max_pixels}")
+        _write_rgb(image, shared, input_capacity)
+        return {"ok": True, "size": image.size}
+    except LoadError as exc:
+        return {"ok": False, "reason": exc.reason, "detail": exc.detail}
+    finally:
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
+
+
+def _write_rgb(image: Image.Image, shared: mmap.mmap, offset: int) -> None:
+    """Pack the pixels straight into shared memory, a chunk at a time, as tobytes() does: tobytes()
+    would then join the chunks into one bytes object, faulting in fresh pages for each large image."""
+    encoder = Image._getencoder("RGB", "raw", "RGB")
+    try:
+        encoder.setimage(image.im, (0, 0, *image.size))
+        status = 0
+        while status == 0:
+            _, status, chunk = encoder.encode(max(_CHUNK_BYTES, image.width * 4))
+            shared[offset:offset + len(chunk)] = chunk
+            offset += len(chunk)
+        if status < 0:
+            raise LoadError("decode_failed", f"cannot pack the decoded pixels (encoder error {status})")
+    finally:
+        encoder.cleanup()
 
 
 def _send_json(sock: socket.socket, value: dict[str, Any]) -> None:

@@ -449,10 +449,11 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
     def __init__(self, host: str, port: int, addresses: list[str], timeout: float) -> None:
         super().__init__(host, port, timeout=timeout)
         self.addresses = addresses
+        self.connect_timeout = timeout
         self.pinned_socket: socket.socket | None = None
 
     def connect(self) -> None:
-        self.sock = self.pinned_socket = _connect_pinned(self.addresses, self.port, self.timeout)
+        self.sock = self.pinned_socket = _connect_pinned(self.addresses, self.port, self.connect_timeout)
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
@@ -461,10 +462,11 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
     def __init__(self, host: str, port: int, addresses: list[str], timeout: float) -> None:
         super().__init__(host, port, timeout=timeout, context=_tls_context())
         self.addresses = addresses
+        self.connect_timeout = timeout
         self.pinned_socket: socket.socket | None = None
 
     def connect(self) -> None:
-        raw = _connect_pinned(self.addresses, self.port, self.timeout)
+        raw = _connect_pinned(self.addresses, self.port, self.connect_timeout)
         try:
             self.sock = self.pinned_socket = _tls_context().wrap_socket(raw, server_hostname=self.host)
         except BaseException:

@@ -17,6 +17,7 @@ The tree is plain JSON-serialisable data, so a model bundle carries no pickles:
 from __future__ import annotations
 
 import copy
+import json
 import math
 import numbers
 import sys
@@ -48,6 +49,9 @@ class FusionTree:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, FusionTree) and self._root == other._root
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self._root, sort_keys=True))
 
     def __repr__(self) -> str:
         return f"FusionTree({self._root!r})"
@@ -175,7 +179,7 @@ def applied_thresholds(bundle: Mapping[str, float], block: float | None = None,
     return chosen, "bundle" if bundle else "default"
 
 
-def _signal(signals: Mapping[str, float | None], name: str) -> float | None:
+def _signal(signals: Mapping[str, object], name: str) -> float | None:
     """The signal as a float, or None when it is absent, None or NaN."""
     value = signals.get(name)
     if value is None:

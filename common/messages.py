@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import re
 from datetime import datetime, timezone
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
@@ -29,7 +30,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError, from_json
+from pydantic_core import PydanticCustomError, from_json, to_json
 
 from common.errors import ModstreamError
 
@@ -61,6 +62,21 @@ _TIMESTAMP_RE = re.compile(_TIMESTAMP_PATTERN)
 # Standard base64 (RFC 4648 section 4), padded, no line breaks.
 _BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
 _URI_PATTERN = r"^[A-Za-z][A-Za-z0-9+.\-]*:"
+
+# Length limits, so that one record cannot make every message derived from it huge (an id is
+# written into the verdict, its key and dead letters). Ids: a UUID is 36 characters and S3-style
+# keys rarely pass 200; 256 leaves room. URIs: 4096, about twice what browsers and CDNs accept.
+# Dead letters name records by ``topic-partition@offset`` when they have no usable event_id;
+# Kafka topic names reach 249 characters, hence the longer dead-letter id.
+MAX_ID_LENGTH = 256
+MAX_URI_LENGTH = 4096
+MAX_DEAD_LETTER_ID_LENGTH = 320
+MAX_DETAIL_LENGTH = 1024
+# A dead letter keeps at most this much of the record (serialized JSON, or raw bytes before base64):
+# with the fields around it a dead letter stays under 32 KiB, far below any broker's record limit.
+MAX_ORIGINAL_BYTES = 16 * 1024
+ORIGINAL_STRING_HEAD = 256  # a string longer than MAX_ORIGINAL_STRING keeps this many characters
+MAX_ORIGINAL_STRING = 1024
 
 
 class MessageError(ModstreamError):
@@ -105,6 +121,7 @@ def _check_base64(value: str) -> str:
 
 
 NonEmptyStr = Annotated[str, StringConstraints(min_length=1)]
+IdStr = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]
 Timestamp = Annotated[
     str,
     AfterValidator(_check_timestamp),
@@ -189,9 +206,9 @@ class UploadEvent(_Message):
     schema_file: ClassVar[str] = "upload_event.schema.json"
     model_config = ConfigDict(json_schema_extra=_upload_event_schema_extra)
 
-    event_id: NonEmptyStr
-    image_id: NonEmptyStr
-    uri: Annotated[str, StringConstraints(pattern=_URI_PATTERN)] | None = Field(
+    event_id: IdStr
+    image_id: IdStr
+    uri: Annotated[str, StringConstraints(pattern=_URI_PATTERN, max_length=MAX_URI_LENGTH)] | None = Field(
         None, description="Where to fetch the image (file://, s3://, https://...)."
     )
     data_b64: (
@@ -203,7 +220,7 @@ class UploadEvent(_Message):
         ]
         | None
     ) = Field(None, description="The image bytes inline, standard padded base64 without line breaks.")
-    uploader_id: str | None = None
+    uploader_id: IdStr | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     ts: Timestamp
 
@@ -340,37 +357,132 @@ class ReviewDecision(_Message):
 class DeadLetter(_Message):
     """A record modstream could not process, on images.uploads.dlq.
 
-    ``original`` is the record value: the parsed JSON when it was JSON
-    (``original_encoding`` "json"), else its base64 ("base64"), or null for a
-    record without a value ("absent").
+    ``original`` is the record value, bounded so that a dead letter always fits
+    the topic: the parsed JSON when it was JSON (``original_encoding`` "json";
+    strings over 1024 characters keep their first 256), else the base64 of its
+    first 16 KiB ("base64"), or null for a record without a value ("absent").
+    ``original_truncated`` says something was cut; ``original_size`` and
+    ``original_sha256`` describe the whole record, which stays on the upload
+    topic at its offset. Credentials in URLs (user:password@, and query
+    parameters named like tokens, signatures or keys) are replaced by
+    ``[redacted]`` in ``original`` and ``detail``.
     """
 
     schema_file: ClassVar[str] = "dead_letter.schema.json"
 
-    event_id: NonEmptyStr = Field(
+    event_id: Annotated[str, StringConstraints(min_length=1, max_length=MAX_DEAD_LETTER_ID_LENGTH)] = Field(
         description="The record's event_id, or record_placeholder_id(topic, partition, offset) if none."
     )
     reason: DeadLetterReason
-    detail: str
+    detail: Annotated[str, StringConstraints(max_length=MAX_DETAIL_LENGTH)]
     original: JsonValue
     original_encoding: OriginalEncoding
+    original_size: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="Bytes in the whole record value; null when absent."
+    )
+    original_sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = Field(
+        None, description="SHA-256 of the whole record value, 64 hex digits; null when absent."
+    )
+    original_truncated: bool = Field(False, description="True when ``original`` is not the whole record.")
     ts: Timestamp
 
     @classmethod
     def for_record(
         cls, event_id: str, reason: DeadLetterReason, detail: str, raw: bytes | None
     ) -> DeadLetter:
-        """Wrap a raw record value, keeping it readable when it is JSON and lossless when not."""
+        """Wrap a raw record value, readable when it is JSON, bounded and without credentials."""
         original: JsonValue = None
         encoding: OriginalEncoding = "absent"
+        size: int | None = None
+        digest: str | None = None
+        truncated = False
         if raw is not None:
-            try:
-                original, encoding = _load_json(bytes(raw).decode("utf-8")), "json"
-            except (UnicodeDecodeError, ValueError):
-                original, encoding = base64.b64encode(raw).decode("ascii"), "base64"
+            raw = bytes(raw)
+            size, digest = len(raw), hashlib.sha256(raw).hexdigest()
+            original, encoding, truncated = _bounded_original(raw)
         return cls(
-            event_id=event_id, reason=reason, detail=detail, original=original, original_encoding=encoding
+            event_id=event_id, reason=reason, detail=bounded_detail(detail), original=original,
+            original_encoding=encoding, original_size=size, original_sha256=digest,
+            original_truncated=truncated,
         )
+
+
+# Quantifiers are bounded so that hostile text costs linear time; a credential never spans more
+# than REDACTION_SPAN characters, so text cut after redacting a window that much longer keeps none.
+_USERINFO_RE = re.compile(r"://[^/?#@\s\"']{0,512}@")
+_SECRET_PARAM_RE = re.compile(
+    r"([?&;][^=&#\s\"']{0,64}?(?:token|sig|secret|passw|pwd|key|credential|auth|session)[^=&#\s\"']{0,64}=)"
+    r"[^&#\s\"']*",
+    re.IGNORECASE,
+)
+_USERINFO_BYTES_RE = re.compile(_USERINFO_RE.pattern.encode())
+_SECRET_PARAM_BYTES_RE = re.compile(_SECRET_PARAM_RE.pattern.encode(), re.IGNORECASE)
+REDACTED = "[redacted]"
+REDACTION_SPAN = 1024
+
+
+def redact_credentials(text: str) -> str:
+    """Replace URL userinfo and token-like query parameter values with ``[redacted]``."""
+    text = _USERINFO_RE.sub("://" + REDACTED + "@", text)
+    return _SECRET_PARAM_RE.sub(r"\1" + REDACTED, text)
+
+
+def _redact_bytes(data: bytes) -> bytes:
+    data = _USERINFO_BYTES_RE.sub(b"://" + REDACTED.encode() + b"@", data)
+    return _SECRET_PARAM_BYTES_RE.sub(rb"\1" + REDACTED.encode(), data)
+
+
+def _redacted_head(text: str, length: int) -> tuple[str, bool]:
+    """The first ``length`` characters, without credentials, and whether anything was cut."""
+    if len(text) <= length:
+        return redact_credentials(text), False
+    head = redact_credentials(text[: length + REDACTION_SPAN])
+    return head[:length], True
+
+
+def bounded_detail(detail: str) -> str:
+    """A dead-letter detail: credentials removed, at most MAX_DETAIL_LENGTH characters."""
+    head, cut = _redacted_head(detail, MAX_DETAIL_LENGTH)
+    if not cut and len(head) <= MAX_DETAIL_LENGTH:
+        return head
+    return head[: MAX_DETAIL_LENGTH - 1] + "\u2026"
+
+
+def _bounded_string(value: str) -> tuple[str, bool]:
+    if len(value) <= MAX_ORIGINAL_STRING:
+        return redact_credentials(value), False
+    head, _ = _redacted_head(value, ORIGINAL_STRING_HEAD)
+    return f"{head}\u2026[{len(value)} characters]", True
+
+
+def _bounded_json(value: Any) -> tuple[Any, bool]:
+    """Strings (keys too) redacted and cut; returns the copy and whether anything was cut."""
+    if isinstance(value, str):
+        return _bounded_string(value)
+    if isinstance(value, list):
+        items = [_bounded_json(item) for item in value]
+        return [item for item, _ in items], any(cut for _, cut in items)
+    if isinstance(value, dict):
+        result: dict[str, Any] = {}
+        cut = False
+        for key, item in value.items():
+            bounded_key, key_cut = _bounded_string(key)
+            result[bounded_key], item_cut = _bounded_json(item)
+            cut = cut or key_cut or item_cut
+        return result, cut
+    return value, False
+
+
+def _bounded_original(raw: bytes) -> tuple[JsonValue, OriginalEncoding, bool]:
+    """The JSON record with long strings cut if that fits, else the base64 of its head."""
+    try:
+        bounded, cut = _bounded_json(_load_json(raw.decode("utf-8")))
+        if len(to_json(bounded)) <= MAX_ORIGINAL_BYTES:
+            return bounded, "json", cut
+    except (UnicodeDecodeError, ValueError):
+        pass
+    head = _redact_bytes(raw[: MAX_ORIGINAL_BYTES + REDACTION_SPAN])[:MAX_ORIGINAL_BYTES]
+    return base64.b64encode(head).decode("ascii"), "base64", len(raw) > MAX_ORIGINAL_BYTES
 
 
 def record_placeholder_id(topic: str, partition: int, offset: int) -> str:
@@ -456,7 +568,7 @@ def peek_event_id(raw: bytes | None) -> str | None:
     except MessageError:
         return None
     event_id = document.get("event_id")
-    return event_id if isinstance(event_id, str) and event_id else None
+    return event_id if isinstance(event_id, str) and 0 < len(event_id) <= MAX_ID_LENGTH else None
 
 
 def to_json_bytes(message: Message) -> bytes:

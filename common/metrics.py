@@ -43,6 +43,9 @@ CLASSIFIER_BATCH_SIZE = Histogram("modstream_classifier_batch_size", "Images per
 CLASSIFIER_ERRORS = Counter("modstream_classifier_errors", "Failed classifier requests (retried).")
 CLASSIFIER_REPLICAS = Gauge("modstream_classifier_replicas", "Live classifier replicas.",
                             multiprocess_mode="livesum")
+BATCH_RETRIES = Counter("modstream_batch_retries", "Failed attempts of a batch step, retried.", ["step"])
+REVIEW_SYNC_TIMEOUTS = Counter("modstream_review_sync_timeouts",
+                               "Batches scored before review feedback caught up with them.")
 INFLIGHT_BATCHES = Gauge("modstream_inflight_batches", "Polled batches not yet committed.",
                          multiprocess_mode="livesum")
 CONSUMER_LAG = Gauge("modstream_consumer_lag",

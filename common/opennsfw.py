@@ -277,18 +277,18 @@ def convert(source: Path, target: Path, input_size: int = 224,
 
     signature = [tf.TensorSpec([None, input_size, input_size, 3], tf.float32, name=SIGNATURE_INPUT)]
 
-    class OpenNsfw(tf.Module):
-        @tf.function(input_signature=signature)
-        def serve(self, images):
+    class OpenNsfw(tf.Module):  # type: ignore[misc]  # TensorFlow is untyped
+        @tf.function(input_signature=signature)  # type: ignore[untyped-decorator]
+        def serve(self, images: Any) -> dict[str, Any]:
             return {SIGNATURE_OUTPUT: classify(forward({INPUT_NAME: _Tensor(images)}))}
 
-        @tf.function(input_signature=signature)
-        def features(self, images):
+        @tf.function(input_signature=signature)  # type: ignore[untyped-decorator]
+        def features(self, images: Any) -> dict[str, Any]:
             outputs = forward({INPUT_NAME: _Tensor(images)})
             return {**outputs, SIGNATURE_OUTPUT: classify(outputs)}
 
-        @tf.function(input_signature=[tf.TensorSpec([None, 7, 7, POOLED_DIM], tf.float32, name=LAST_MAPS)])
-        def head(self, last_maps):
+        @tf.function(input_signature=[tf.TensorSpec([None, 7, 7, POOLED_DIM], tf.float32, name=LAST_MAPS)])  # type: ignore[untyped-decorator]
+        def head(self, last_maps: Any) -> Any:
             return classify(forward({LAST_MAPS_TENSOR: _Tensor(last_maps, True)}))
 
     module = OpenNsfw()

@@ -95,6 +95,11 @@ class EmbeddedBroker:
             process.stderr.close()
         return stderr.strip()[-2000:]
 
+    @property
+    def pid(self) -> int | None:
+        """The broker's process id while it runs (tests freeze it with SIGSTOP to simulate an outage)."""
+        return self._process.pid if self._process is not None else None
+
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 

@@ -187,12 +187,12 @@ def summary(verdicts: list[Verdict], dead_letters: list[DeadLetter], events: int
         f"verdicts          {len(verdicts)}  by action: {dict(sorted(actions.items()))}",
         f"                  by source: {dict(sorted(sources.items()))}",
         f"dead letters      {len(dead_letters)}  by reason: {dict(sorted(reasons.items()))}",
-        f"model verdicts    {len(models)}  kNN signal on {len(with_knn)}"
-        + (f" (P(adult) {min(with_knn):.3f}-{max(with_knn):.3f})" if with_knn else "")
-        + (f", CNN P(adult) {min(cnn):.3f}-{max(cnn):.3f}" if cnn else ""),
+        (f"model verdicts    {len(models)}  kNN signal on {len(with_knn)}"
+         + (f" (P(adult) {min(with_knn):.3f}-{max(with_knn):.3f})" if with_knn else "")
+         + (f", CNN P(adult) {min(cnn):.3f}-{max(cnn):.3f}" if cnn else "")),
         f"model version     {', '.join(sorted({v.model_version for v in verdicts}))}",
-        f"never reached CNN {no_cnn}/{events} events ({100 * no_cnn / max(events, 1):.0f}%; "
-        f"{100 * (no_cnn + len(dead_letters)) / max(events, 1):.0f}% with dead letters)",
+        (f"never reached CNN {no_cnn}/{events} events ({100 * no_cnn / max(events, 1):.0f}%; "
+         f"{100 * (no_cnn + len(dead_letters)) / max(events, 1):.0f}% with dead letters)"),
         f"throughput        {len(verdicts) / max(seconds, 1e-9):.1f} images/s over {seconds:.1f} s",
         f"latency           p50 {np.percentile(latencies, 50):.0f} ms, p95 {np.percentile(latencies, 95):.0f} ms",
     ]

@@ -140,9 +140,9 @@ def test_bundle_inspect_prints_the_manifest(modstream_home, capsys) -> None:
 def test_a_broken_bundle_names_what_is_missing(tmp_path) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps({"id": "x", "cnn": {"format": "keras", "path": "m.keras"},
                                                         "knn": {"path": "knn"}, "fusion": {"path": "f.json"}}))
-    with pytest.raises(BundleError, match="m.keras"):
+    with pytest.raises(BundleError, match=r"m\.keras"):
         load_bundle(tmp_path)
-    with pytest.raises(BundleError, match="manifest.json"):
+    with pytest.raises(BundleError, match=r"manifest\.json"):
         load_bundle(tmp_path / "nowhere")
 
 

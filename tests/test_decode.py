@@ -117,7 +117,9 @@ def test_bomb_is_too_large_even_when_pillows_own_guard_is_off(
 @pytest.mark.parametrize("fmt", ["BMP", "TIFF"])
 def test_formats_beyond_the_everyday_ones_are_off_unless_allowed(fmt: str) -> None:
     data = encode(Image.new("RGB", (8, 8), RED), fmt)
-    error = pytest.raises(LoadError, decode_image, data, LIMITS).value
+    with pytest.raises(LoadError) as caught:
+        decode_image(data, LIMITS)
+    error = caught.value
     assert error.reason == "unsupported_format"
     assert "limits.formats" in error.detail
     assert decode_image(data, LoadLimits(formats=("JPEG", fmt))).getpixel((4, 4)) == RED
@@ -260,3 +262,23 @@ def test_draft_never_enlarges_a_small_image() -> None:
 def test_draft_size_must_be_positive() -> None:
     with pytest.raises(ValueError, match="draft_to"):
         decode_image(encode(Image.new("RGB", (4, 4)), "PNG"), LIMITS, draft_to=(0, 10))
+
+
+def test_limits_come_from_the_environment() -> None:
+    from common.config import ConfigError, load_settings
+
+    env = {"MODSTREAM_LIMITS_FORMATS": "jpeg, png,tiff", "MODSTREAM_LIMITS_HTTP_PORTS": "80,8080",
+           "MODSTREAM_LIMITS_FILE_ROOTS": "/data/a,/data/b", "MODSTREAM_LIMITS_DECODE_CPU_S": "0.5",
+           "MODSTREAM_LIMITS_DECODE_MEMORY_MB": "64", "MODSTREAM_LIMITS_DECODE_WORKERS": "3"}
+    limits = load_settings(env=env).load_limits()
+    assert limits.formats == ("JPEG", "PNG", "TIFF")
+    assert limits.http_ports == (80, 8080)
+    assert limits.file_roots == ("/data/a", "/data/b")
+    assert (limits.decode_cpu_s, limits.decode_memory_bytes, limits.decode_workers) == (0.5, 64 << 20, 3)
+    defaults = load_settings(env={}).load_limits()
+    assert defaults.formats == ("JPEG", "PNG", "WEBP", "GIF")
+    assert defaults.file_roots == ()
+    assert defaults.http_ports == (80, 443)
+    for bad in ({"MODSTREAM_LIMITS_FORMATS": "eps"}, {"MODSTREAM_LIMITS_HTTP_PORTS": "0"}):
+        with pytest.raises(ConfigError, match="MODSTREAM_LIMITS_"):
+            load_settings(env=bad)

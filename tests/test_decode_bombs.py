@@ -179,11 +179,17 @@ def test_decode_bomb_is_answered_within_the_budget(bomb: Bomb, table: list[str])
     assert after.peak_rss_bytes <= IDLE_WORKER_BYTES + LIMITS.decode_memory_bytes
 
 
+def refusal(data: bytes, limits: LoadLimits) -> LoadError:
+    with pytest.raises(LoadError) as caught:
+        decode_image(data, limits)
+    return caught.value
+
+
 def test_the_cpu_budget_stops_what_the_checks_let_through() -> None:
     """Under the scan cap, but each scan a pass over the image: only the CPU timer stops it
     (the 6000 x 6000 case of the corpus shows the same at the default budget)."""
     small_budget = LoadLimits(decode_cpu_s=0.05)
-    error = pytest.raises(LoadError, decode_image, progressive_jpeg(1024, 80), small_budget).value
+    error = refusal(progressive_jpeg(1024, 80), small_budget)
     assert error.detail == "decoding needs more than the 0.05 s CPU budget"
     assert decode_image(encode(Image.new("RGB", (8, 8)), "PNG"), small_budget).size == (8, 8)  # a fresh worker
 
@@ -191,6 +197,6 @@ def test_the_cpu_budget_stops_what_the_checks_let_through() -> None:
 def test_the_memory_estimate_refuses_before_decoding() -> None:
     data = encode(Image.new("RGB", (2000, 2000), (1, 2, 3)), "PNG")
     assert decode_image(data, LIMITS).size == (2000, 2000)
-    error = pytest.raises(LoadError, decode_image, data, LoadLimits(decode_memory_bytes=8 << 20)).value
+    error = refusal(data, LoadLimits(decode_memory_bytes=8 << 20))
     assert error.reason == "too_large"
     assert "budget 8 MiB" in error.detail

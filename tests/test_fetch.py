@@ -35,10 +35,10 @@ class Handler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+    def log_message(self, format: str, *args: Any) -> None:
         """Keep test output clean."""
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         path, _, query = self.path.partition("?")
         route = getattr(self, "route_" + path.strip("/").split("/")[0].replace("-", "_"), None)
         if route is None:
@@ -540,10 +540,10 @@ class HostileHandler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+    def log_message(self, format: str, *args: Any) -> None:
         """Keep test output clean."""
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         headers = {
             "/redirect-bad-ipv6": [("Location", "http://[::1")],
             "/redirect-null": [("Location", "http://a\x00b/")],
@@ -624,7 +624,7 @@ def fake_s3(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     objects: dict[str, Any] = {}
 
     class Client:
-        def get_object(self, Bucket: str, Key: str) -> dict[str, Any]:  # noqa: N803 - boto3's names
+        def get_object(self, Bucket: str, Key: str) -> dict[str, Any]:
             size, body = objects[f"{Bucket}/{Key}"]
             return {"ContentLength": size, "Body": body}
 

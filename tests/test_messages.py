@@ -4,6 +4,7 @@ that the checked-in JSON Schemas say the same thing as the models."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -17,6 +18,11 @@ from common.errors import ModstreamError
 from common.messages import (
     LABEL_IDS,
     LABELS,
+    MAX_DEAD_LETTER_ID_LENGTH,
+    MAX_DETAIL_LENGTH,
+    MAX_ID_LENGTH,
+    MAX_ORIGINAL_BYTES,
+    MAX_URI_LENGTH,
     MESSAGE_TYPES,
     DeadLetter,
     Hashes,
@@ -32,6 +38,7 @@ from common.messages import (
     parse_verdict,
     peek_event_id,
     record_placeholder_id,
+    redact_credentials,
     to_json_bytes,
     utc_timestamp,
 )
@@ -96,6 +103,9 @@ def dead_letter_doc(**changes: Any) -> dict[str, Any]:
         "detail": "HTTP 404 for https://cdn/x.jpg",
         "original": upload_doc(),
         "original_encoding": "json",
+        "original_size": 180,
+        "original_sha256": "ab" * 32,
+        "original_truncated": False,
         "ts": TS,
     }
     return {**doc, **changes}
@@ -320,6 +330,14 @@ BAD_VALUES = [
     (DeadLetter, "reason", "exploded", True),
     (DeadLetter, "detail", None, True),
     (DeadLetter, "original_encoding", "hex", True),
+    (UploadEvent, "event_id", "e" * (MAX_ID_LENGTH + 1), True),
+    (UploadEvent, "image_id", "i" * (MAX_ID_LENGTH + 1), True),
+    (UploadEvent, "uploader_id", "u" * (MAX_ID_LENGTH + 1), True),
+    (UploadEvent, "uri", "https://cdn/" + "x" * MAX_URI_LENGTH, True),
+    (DeadLetter, "event_id", "e" * (MAX_DEAD_LETTER_ID_LENGTH + 1), True),
+    (DeadLetter, "detail", "d" * (MAX_DETAIL_LENGTH + 1), True),
+    (DeadLetter, "original_sha256", "ABC", True),
+    (DeadLetter, "original_size", -1, True),
 ]
 
 
@@ -462,11 +480,85 @@ def test_message_error_is_a_modstream_error() -> None:
 def test_dead_letter_keeps_the_original_record(raw: bytes | None, encoding: str, original: Any) -> None:
     letter = DeadLetter.for_record("topic-0@7", "invalid_event", "bad", raw)
     assert (letter.original_encoding, letter.original) == (encoding, original)
+    assert not letter.original_truncated
+    if raw is None:
+        assert (letter.original_size, letter.original_sha256) == (None, None)
+    else:
+        assert (letter.original_size, letter.original_sha256) == (len(raw), hashlib.sha256(raw).hexdigest())
     wire = to_json_bytes(letter)
     assert parse_dead_letter(wire) == letter
     assert schema_validator(DeadLetter).is_valid(json.loads(wire))
     if encoding == "base64":
         assert base64.b64decode(letter.original) == raw
+
+
+HUGE = 4 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        json.dumps({"schema": 1, "event_id": "e1", "data_b64": "A" * HUGE}).encode(),
+        json.dumps({"event_id": "e" * HUGE, "image_id": "i" * HUGE, "uploader_id": "u" * HUGE}).encode(),
+        json.dumps({"k" * HUGE: 1}).encode(),
+        json.dumps(list(range(HUGE // 8))).encode(),
+        json.dumps({"metadata": {str(i): "v" * 1000 for i in range(2000)}}).encode(),
+        b"\xff" * HUGE,
+        b'{"truncated json' + b" " * HUGE,
+        b"\x00" * HUGE,
+    ],
+    ids=["inline-image", "huge-ids", "huge-key", "long-array", "wide-metadata", "binary", "broken-json", "zeros"],
+)
+def test_dead_letter_of_a_huge_record_is_bounded_and_describes_the_whole(raw: bytes) -> None:
+    letter = DeadLetter.for_record("x" * MAX_DEAD_LETTER_ID_LENGTH, "too_large", "d" * 100_000, raw)
+    wire = to_json_bytes(letter)
+    assert len(wire) <= 2 * MAX_ORIGINAL_BYTES + 2 * MAX_DETAIL_LENGTH + 1024  # fits any topic
+    assert letter.original_truncated
+    assert (letter.original_size, letter.original_sha256) == (len(raw), hashlib.sha256(raw).hexdigest())
+    assert len(letter.detail) == MAX_DETAIL_LENGTH
+    assert parse_dead_letter(wire) == letter
+    assert schema_validator(DeadLetter).is_valid(json.loads(wire))
+
+
+def test_a_large_inline_image_keeps_the_rest_of_its_event_readable() -> None:
+    data = base64.b64encode(b"\xff" * 100_000).decode()
+    raw = json.dumps({"schema": 1, "event_id": "e1", "image_id": "i", "data_b64": data}).encode()
+    letter = DeadLetter.for_record("e1", "too_large", "too big", raw)
+    assert letter.original_encoding == "json" and letter.original_truncated
+    assert letter.original["event_id"] == "e1" and letter.original["image_id"] == "i"
+    assert letter.original["data_b64"].startswith(data[:256])
+    assert letter.original["data_b64"].endswith(f"[{len(data)} characters]")
+
+
+SECRETS = ("hunter2", "s3cr3t-sig", "tok-123", "AKIA-cred")
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "https://bob:hunter2@cdn.example/x.jpg",
+        "https://cdn.example/x.jpg?X-Amz-Signature=s3cr3t-sig&size=1",
+        "https://cdn.example/x.jpg?size=1&access_token=tok-123",
+        "s3://bucket/x.jpg?X-Amz-Credential=AKIA-cred;sig=s3cr3t-sig",
+        "http://:hunter2@[::1/x",
+    ],
+)
+def test_credentials_in_urls_never_reach_a_dead_letter(uri: str) -> None:
+    document = {"schema": 1, "event_id": "e1", "image_id": "i", "uri": uri, "metadata": {"source": uri}}
+    as_json = DeadLetter.for_record("e1", "fetch_failed", f"cannot fetch {uri}", json.dumps(document).encode())
+    as_bytes = DeadLetter.for_record("e1", "invalid_event", f"bad {uri}", b"\xff" + json.dumps(document).encode())
+    for letter in (as_json, as_bytes):
+        wire = to_json_bytes(letter)
+        decoded = wire + (base64.b64decode(letter.original) if letter.original_encoding == "base64" else b"")
+        assert not any(secret.encode() in decoded for secret in SECRETS), decoded
+        assert b"[redacted]" in decoded
+    assert as_json.original["uri"].startswith(uri.split(":")[0] + "://")
+
+
+def test_redaction_keeps_urls_without_credentials() -> None:
+    plain = "https://cdn.example/a/b.jpg?size=12&format=webp#top"
+    assert redact_credentials(plain) == plain
+    assert redact_credentials("file:///tmp/a%00b.jpg") == "file:///tmp/a%00b.jpg"
 
 
 def test_dead_letter_event_id_helpers() -> None:
@@ -475,6 +567,7 @@ def test_dead_letter_event_id_helpers() -> None:
     assert peek_event_id(b'{"event_id": ""}') is None
     assert peek_event_id(b'{"event_id": 12}') is None
     assert peek_event_id(b"\xff") is None
+    assert peek_event_id(json.dumps({"event_id": "e" * (MAX_ID_LENGTH + 1)}).encode()) is None
     assert peek_event_id(None) is None
 
 

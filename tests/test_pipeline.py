@@ -59,7 +59,7 @@ def test_end_to_end_sources_matches_and_dead_letters(start_pipeline, tmp_path) -
         UploadEvent(event_id="remote", image_id="remote", uri="http://169.254.169.254/latest/meta-data"),
     ]
     # Inside one batch too: a new image and its exact copy.
-    fresh = sorted(SAMPLES.glob("*.jpg"))[5]
+    fresh = SAMPLES / "rocket.jpg"  # keyed to the same partition as "twin": the original is read first
     twin = tmp_path / "twin.jpg"
     shutil.copyfile(fresh, twin)
     same_batch = [upload_event_for(fresh, inline=False), upload_event_for(twin, inline=False, image_id="twin")]
@@ -98,19 +98,19 @@ def test_end_to_end_sources_matches_and_dead_letters(start_pipeline, tmp_path) -
 def test_review_turns_a_later_resized_copy_into_block(start_pipeline, tmp_path) -> None:
     pipeline, outputs = start_pipeline()
     settings = pipeline.settings
-    original = SAMPLES / "beach-01.jpg"
+    original = SAMPLES / "cat.jpg"
     publish_events(settings, [upload_event_for(original, inline=False)])
     outputs.wait(1)
-    assert outputs.by_image()["beach-01"].action != "block"
+    assert outputs.by_image()["cat"].action != "block"
 
-    publish_review(settings, ReviewDecision(image_id="beach-01", label="adult", reviewer="test"))
+    publish_review(settings, ReviewDecision(image_id="cat", label="adult", reviewer="test"))
     wait_for(lambda: pipeline.stats().get("reviews_applied", 0) >= 1, message="review applied")
-    later = upload_event_for(resized(original, tmp_path, 0.5), inline=True, image_id="beach-01-small")
+    later = upload_event_for(resized(original, tmp_path, 0.5), inline=True, image_id="cat-small")
     publish_events(settings, [later])
     outputs.wait(2)
-    verdict = outputs.by_image()["beach-01-small"]
+    verdict = outputs.by_image()["cat-small"]
     assert (verdict.action, verdict.label, verdict.source, verdict.matched_image_id) == \
-        ("block", "adult", "review_cache", "beach-01")
+        ("block", "adult", "review_cache", "cat")
     knn_sizes = ray.get([replica.size.remote() for replica in pipeline.knn_replicas])
     assert knn_sizes == [1] * len(knn_sizes)  # the reviewed image is now a kNN reference
 
@@ -118,18 +118,18 @@ def test_review_turns_a_later_resized_copy_into_block(start_pipeline, tmp_path) 
 def test_dedup_state_survives_a_restart(start_pipeline, make_settings) -> None:
     settings = make_settings()
     first, outputs = start_pipeline(settings)
-    original = SAMPLES / "city-01.jpg"
+    original = SAMPLES / "rocket.jpg"
     publish_events(settings, [upload_event_for(original, inline=False)])
     outputs.wait(1)
     first.stop()
 
-    second, outputs = start_pipeline(settings)
-    copy = UploadEvent(event_id=str(uuid.uuid4()), image_id="city-01-again",
+    _, outputs = start_pipeline(settings)
+    copy = UploadEvent(event_id=str(uuid.uuid4()), image_id="rocket-again",
                        data_b64=__import__("base64").b64encode(original.read_bytes()).decode())
     publish_events(settings, [copy])
     outputs.wait(2)
-    verdict = outputs.by_image()["city-01-again"]
-    assert (verdict.source, verdict.matched_image_id) == ("exact_duplicate", "city-01")
+    verdict = outputs.by_image()["rocket-again"]
+    assert (verdict.source, verdict.matched_image_id) == ("exact_duplicate", "rocket")
 
 
 def test_review_by_hashes_applies_to_an_image_not_yet_seen(start_pipeline) -> None:
@@ -137,11 +137,11 @@ def test_review_by_hashes_applies_to_an_image_not_yet_seen(start_pipeline) -> No
 
     pipeline, outputs = start_pipeline()
     settings = pipeline.settings
-    image = SAMPLES / "field-02.jpg"
+    image = SAMPLES / "camera.jpg"
     publish_review(settings, ReviewDecision(image_id="elsewhere-1", label="adult", reviewer="test",
                                             md5=md5_hex(image.read_bytes())))
     wait_for(lambda: pipeline.stats().get("reviews_applied", 0) >= 1, message="review applied")
-    publish_events(settings, [upload_event_for(image, inline=False, image_id="field-02-upload")])
+    publish_events(settings, [upload_event_for(image, inline=False, image_id="camera-upload")])
     outputs.wait(1)
-    verdict = outputs.by_image()["field-02-upload"]
+    verdict = outputs.by_image()["camera-upload"]
     assert (verdict.action, verdict.source, verdict.matched_image_id) == ("block", "review_cache", "elsewhere-1")

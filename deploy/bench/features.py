@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from common.config import Settings
-from common.decode import decode_image
+from common.decode import decode_image, decode_in_process
 from common.decodeworker import decoder_usage
 from common.features import color_histogram, extract_features, md5_hex, phash_hex
 from common.fetch import LoadLimits
@@ -52,6 +52,8 @@ def run(args: argparse.Namespace, settings: Settings) -> SuiteResult:
         "photos: seeded smooth colour fields with grain, JPEG quality 90 (deploy/bench/synthetic.py)",
         "extract_features = MD5 + pHash + pHash quality + histogram + the CNN's 224 x 224 input",
         "images/s per core = 1000 / the CPU ms of decode + extract_features, the decode workers' included",
+        ("decoded in process: the same without the decode worker (no hard stop on CPU and memory), measured "
+         "alternately with it; the worker's cost x = with / without"),
     ]
     return result
 
@@ -65,10 +67,13 @@ def _add_size(table: Table, size: str, blobs: list[bytes], limits: LoadLimits, d
         return _ms_per_image(lambda: [step(data, image) for data, image in zip(blobs, images, strict=True)],
                              len(blobs), repeats, min_s)
 
-    def decode_and_features(**options: tuple[int, int]) -> Measure:
-        """What ingest does per image, by the CPU clock of this process and its decode workers."""
-        return _ms_per_image(lambda: [extract_features(data, decode_image(data, limits, **options), full[0].size)
-                                      for data in blobs], len(blobs), repeats, min_s, cpu=True)
+    def decode_and_features(**options: tuple[int, int]) -> tuple[Measure, Measure]:
+        """What ingest does per image, by the CPU clock of this process and its decode workers; and the
+        same with the decode in this process (no worker, no hard stop), measured alternately."""
+        def run(decode: Callable[..., Image.Image]) -> Callable[[], object]:
+            return lambda: [extract_features(data, decode(data, limits, **options), full[0].size) for data in blobs]
+
+        return _paired_cpu_ms(run(decode_image), run(decode_in_process), len(blobs), repeats, min_s)
 
     table.add(size=size, step="decode", **_pair(per_image(lambda data, _: decode_image(data, limits), full),
                                                 per_image(lambda data, _: decode_image(data, limits, draft_to=draft),
@@ -78,24 +83,37 @@ def _add_size(table: Table, size: str, blobs: list[bytes], limits: LoadLimits, d
                      ("colour histogram", lambda _, image: color_histogram(image)),
                      ("extract_features (all)", lambda data, image: extract_features(data, image, image.size))):
         table.add(size=size, step=step, **_pair(per_image(fn, full), per_image(fn, reduced)))
-    totals = decode_and_features(), decode_and_features(draft_to=draft)
-    table.add(size=size, step="decode + features, CPU ms", **_pair(*totals))
+    (full_guarded, full_here), (draft_guarded, draft_here) = decode_and_features(), decode_and_features(
+        draft_to=draft)
+    table.add(size=size, step="decode + features, CPU ms", **_pair(full_guarded, draft_guarded))
     table.add(size=size, step="images/s per core",
-              **{"full decode ms": _per_second(totals[0]), "draft decode ms": _per_second(totals[1])})
+              **{"full decode ms": _per_second(full_guarded), "draft decode ms": _per_second(draft_guarded)})
+    table.add(size=size, step="same, decoded in process, CPU ms", **_pair(full_here, draft_here))
+    table.add(size=size, step="decode worker's cost x", **{"full decode ms": ratios(full_guarded, full_here),
+                                                           "draft decode ms": ratios(draft_guarded, draft_here)})
 
 
-def _ms_per_image(fn: Callable[[], object], images: int, repeats: int, min_s: float, cpu: bool = False) -> Measure:
-    """Wall (or CPU) ms per image; each repeat loops fn for about min_s, to dwarf timer noise."""
+def _ms_per_image(fn: Callable[[], object], images: int, repeats: int, min_s: float) -> Measure:
+    """Wall ms per image; each repeat loops fn for about min_s, to dwarf timer noise."""
     warm, _, _ = timed(fn)
     rounds = max(1, int(min_s / max(warm, 1e-6)))
-    clock = _cpu_seconds if cpu else time.perf_counter
-    samples = []
-    for _ in range(repeats):
-        started = clock()
-        for _ in range(rounds):
-            fn()
-        samples.append((clock() - started) * 1000 / (rounds * images))
+    samples = [timed(lambda: [fn() for _ in range(rounds)])[0] * 1000 / (rounds * images) for _ in range(repeats)]
     return Measure.of(samples, "ms")
+
+
+def _paired_cpu_ms(first: Callable[[], object], second: Callable[[], object], images: int, repeats: int,
+                   min_s: float) -> tuple[Measure, Measure]:
+    """CPU ms per image of two ways of doing the same, measured alternately (their ratio holds when the
+    machine's load wanders), each repeat looping for about min_s."""
+    rounds = max(1, int(min_s / max(timed(first)[0], 1e-6)))
+    samples: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for fn, kept in ((first, samples[0]), (second, samples[1])):
+            started = _cpu_seconds()
+            for _ in range(rounds):
+                fn()
+            kept.append((_cpu_seconds() - started) * 1000 / (rounds * images))
+    return Measure.of(samples[0], "ms"), Measure.of(samples[1], "ms")
 
 
 def _cpu_seconds() -> float:

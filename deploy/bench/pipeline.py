@@ -72,9 +72,7 @@ def run(args: argparse.Namespace, settings: Settings) -> SuiteResult:
         bundle, histograms = _bundle(settings, folder / "bundle", references, args.seed)
         (folder / "images").mkdir()
         workload = build_workload(folder / "images", images, args.dup_ratio, size, args.seed)
-        settings = _bench_settings(settings, bundle, gpu=bool(gpus))
-        settings = settings.model_copy(update={"limits": settings.limits.model_copy(  # its events' file:// folder
-            update={"file_roots": (*settings.limits.file_roots, str(folder / "images"))})})
+        settings = _bench_settings(settings, bundle, gpu=bool(gpus), images=folder / "images")
         with ray_session(settings.ray_address):
             phases, memory = _run_pipeline(settings, workload)
         baselines = measure_baselines(settings, bundle, workload, histograms, args)
@@ -89,8 +87,9 @@ def _bundle(settings: Settings, folder: Path, references: int, seed: int) -> tup
     return bundle_with_references(base, folder, references, seed)
 
 
-def _bench_settings(settings: Settings, bundle: Bundle, gpu: bool) -> Settings:
-    """Topics and group of this run only; the bench bundle; the CNN on the GPU if there is one."""
+def _bench_settings(settings: Settings, bundle: Bundle, gpu: bool, images: Path) -> Settings:
+    """Topics and group of this run only; the bench bundle; the CNN on the GPU if there is one; file://
+    reads from the workload's images folder."""
     tag = uuid.uuid4().hex[:8]
     topics = settings.topics.model_copy(update={
         "uploads": f"bench-{tag}.uploads", "verdicts": f"bench-{tag}.verdicts", "reviews": f"bench-{tag}.reviews",
@@ -98,6 +97,7 @@ def _bench_settings(settings: Settings, bundle: Bundle, gpu: bool) -> Settings:
     return settings.model_copy(update={
         "topics": topics, "bundle": str(bundle.path),
         "kafka": settings.kafka.model_copy(update={"group_id": f"bench-{tag}"}),
+        "limits": settings.limits.model_copy(update={"file_roots": (*settings.limits.file_roots, str(images))}),
         "classifier": settings.classifier.model_copy(update={"num_gpus": 1.0 if gpu else 0.0})})
 
 

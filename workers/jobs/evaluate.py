@@ -65,7 +65,7 @@ def compute_metrics(labels: np.ndarray, signals: Mapping[str, np.ndarray], revie
     fused = signals["fused"]
     thresholds = sorted({*TABLE_THRESHOLDS, review, block})
     return {
-        "images": int(len(labels)),
+        "images": len(labels),
         "adult_images": int(np.sum(labels == 1)),
         "signals": per_signal,
         "actions": measures.actions(labels, fused, review=review, block=block),
@@ -120,8 +120,8 @@ def write_report(out: Path, metrics: dict[str, Any], title: str) -> None:
     dedup = metrics["dedup"]
     lines = [
         f"# Evaluation: {title}", "",
-        f"Bundle `{metrics['bundle']}` on {metrics['images']} images ({metrics['adult_images']} adult) "
-        f"of {metrics['dataset']}; {metrics['unreadable']} could not be loaded.", "",
+        (f"Bundle `{metrics['bundle']}` on {metrics['images']} images ({metrics['adult_images']} adult) "
+        f"of {metrics['dataset']}; {metrics['unreadable']} could not be loaded."), "",
         "## Per signal (adult when P(adult) >= 0.5)", "",
         reporting.markdown_table(["signal", "accuracy", "adult P", "adult R", "adult F1", "normal P", "normal R",
                                   "normal F1", "avg precision", "coverage"], rows), "",
@@ -140,10 +140,10 @@ def write_report(out: Path, metrics: dict[str, Any], title: str) -> None:
                                    r["precision"]) for r in table]), "",
         "![thresholds](thresholds.png)", "",
         "## Dedup effect", "",
-        f"Of {dedup['images']} readable images as collected, {dedup['exact_duplicates']} are byte copies "
+        (f"Of {dedup['images']} readable images as collected, {dedup['exact_duplicates']} are byte copies "
         f"({dedup['exact_share']:.1%}) and {dedup['near_duplicates']} more near copies within "
         f"{dedup['pdq_max_distance']} PDQ bits ({dedup['near_share']:.1%}): a reviewer would not see "
-        f"{dedup['not_reviewed_share']:.1%} of them.", "",
+        f"{dedup['not_reviewed_share']:.1%} of them."), "",
     ]
     (out / "report.md").write_text("\n".join(lines))
 
@@ -238,10 +238,10 @@ def false_positives(folder: Path, bundle_path: Path, out: Path | None, limits: L
 def false_positive_markdown(result: Mapping[str, Any]) -> str:
     lines = [
         f"# False positives on harmless images: {result['folder']}", "",
-        f"Bundle `{result['bundle']}` on {result['images']} harmless images ({result['unreadable']} could not be "
+        (f"Bundle `{result['bundle']}` on {result['images']} harmless images ({result['unreadable']} could not be "
         f"loaded). Share of them at or above each threshold (a missing kNN signal flags nothing); the pipeline "
         f"reviews from {result['review_threshold']:.3f} and blocks from {result['block_threshold']:.3f} "
-        f"(thresholds from the {result['thresholds_from']}).", "",
+        f"(thresholds from the {result['thresholds_from']})."), "",
         reporting.markdown_table(["threshold", *FP_SIGNALS],
                                  [(row["threshold"], *(row[name] for name in FP_SIGNALS)) for row in result["table"]]),
         "",

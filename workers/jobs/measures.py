@@ -41,7 +41,7 @@ def classification(labels: Sequence[int], scores: Sequence[float], cut: float = 
                            "f1": _ratio(2 * precision * recall, precision + recall),
                            "support": int(matrix[label, :].sum())}
     return {
-        "count": int(len(truth)),
+        "count": len(truth),
         "accuracy": _ratio(np.trace(matrix), matrix.sum()),
         "balanced_accuracy": float(np.mean([per_class[name]["recall"] for name in LABELS])),
         "per_class": per_class,

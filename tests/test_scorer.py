@@ -1,0 +1,221 @@
+"""The scorer without Kafka or Ray: loading hostile records, per-record failures, bounded
+retries that isolate the record to blame, and waiting for dependencies that are down."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from common.fetch import LoadLimits
+from common.fusion import Thresholds
+from common.messages import DeadLetter
+from workers.scorer import (
+    Item,
+    Lookups,
+    ModelScore,
+    Scored,
+    Scorer,
+    Stopping,
+    Unavailable,
+    load_record,
+)
+
+SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
+LIMITS = LoadLimits(max_bytes=1_000_000, max_pixels=10_000_000, fetch_timeout_s=2.0)
+DRAFT = (256, 256)
+
+
+def model_input(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB").resize((8, 8)), dtype=np.uint8)
+
+
+@dataclass
+class Record:
+    value: bytes | None
+    offset: int = 0
+    timestamp: int = 1_000
+    topic: str = "uploads"
+    partition: int = 0
+
+
+def event(image_id: str = "img", **fields: object) -> bytes:
+    document = {"schema": 1, "event_id": str(uuid.uuid4()), "image_id": image_id, "ts": "2026-11-23T10:00:00Z",
+                **fields}
+    return json.dumps(document).encode()
+
+
+def image_bytes(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def item(seed: int, image_id: str | None = None, timestamp: int = 1_000) -> Item:
+    data = base64.b64encode(image_bytes(seed)).decode()
+    loaded = load_record(Record(event(image_id or f"img-{seed}", data_b64=data), timestamp=timestamp), LIMITS, DRAFT,
+                         model_input)
+    assert isinstance(loaded, Item), loaded
+    return loaded
+
+
+class Fusion:
+    """Score = the CNN signal; NaN for a CNN score of exactly 0.25."""
+
+    def predict(self, signals: dict) -> float:
+        return math.nan if signals["cnn"] == 0.25 else float(signals["cnn"])
+
+
+class Fakes:
+    def __init__(self, cnn_scores: dict[str, float] | None = None) -> None:
+        self.cnn_scores = cnn_scores or {}
+        self.dedup_calls: list[list] = []
+        self.classified = 0
+        self.review_waits: list[int] = []
+        self.dedup_failures: list[Exception] = []
+        self.poison: str | None = None
+
+    def dedup(self, queries: list) -> list:
+        self.dedup_calls.append(queries)
+        if self.dedup_failures:
+            raise self.dedup_failures.pop(0)
+        if self.poison and any(query[3] == self.poison for query in queries):
+            raise ValueError(f"shard cannot store {self.poison}")
+        return [None] * len(queries)
+
+    def knn(self, histograms: list) -> object:
+        return lambda: [0.5] * len(histograms)
+
+    def classify(self, images: list) -> list[ModelScore]:
+        self.classified += len(images)
+        return scores([0.1] * len(images))
+
+    def wait_for_reviews(self, until_ms: int) -> bool:
+        self.review_waits.append(until_ms)
+        return True
+
+    def scorer(self, classify=None, should_stop=lambda: False) -> Scorer:
+        lookups = Lookups(dedup=self.dedup, knn=self.knn, classify=classify or self.classify,
+                          wait_for_reviews=self.wait_for_reviews)
+        return Scorer(lookups, "bundle-1", pdq_max_distance=31, attempts=3, should_stop=should_stop,
+                      sleep=lambda s: None)
+
+
+def scores(cnn: list[float]) -> list[ModelScore]:
+    return [ModelScore(c, "bundle-2", Fusion(), Thresholds(block=0.9, review=0.5), "bundle") for c in cnn]
+
+
+def reasons(outcomes: list) -> list[str]:
+    return [o.reason if isinstance(o, DeadLetter) else o.verdict.action for o in outcomes]
+
+
+def test_every_item_gets_a_verdict_and_reviews_are_synced_to_the_newest_record() -> None:
+    fakes = Fakes()
+    items = [item(1, timestamp=5_000), item(2, timestamp=9_000), item(3, timestamp=7_000)]
+    outcomes = fakes.scorer().score(items)
+    assert [o.verdict.event_id for o in outcomes] == [i.event.event_id for i in items]
+    assert all(isinstance(o, Scored) and o.verdict.source == "model" for o in outcomes)
+    assert fakes.review_waits == [9_000] and fakes.classified == 3
+    assert {(o.verdict.model_version, o.verdict.signals.thresholds) for o in outcomes} == {("bundle-2", "bundle")}
+
+
+def test_copies_inside_a_batch_reach_the_model_once() -> None:
+    fakes = Fakes()
+    outcomes = fakes.scorer().score([item(1), item(1, image_id="copy")])
+    assert [o.verdict.source for o in outcomes] == ["model", "exact_duplicate"]
+    assert outcomes[1].verdict.matched_image_id == "img-1" and fakes.classified == 1
+
+
+def test_a_nan_fusion_score_is_a_dead_letter_not_an_allow() -> None:
+    fakes = Fakes()
+    outcomes = fakes.scorer(classify=lambda images: scores([0.1, 0.25, 0.95][: len(images)])).score(
+        [item(1), item(2), item(3)])
+    assert reasons(outcomes) == ["allow", "processing_failed", "block"]
+    assert outcomes[1].detail.startswith("ValueError: fusion returned nan")
+    assert "Traceback" not in outcomes[1].detail and outcomes[1].original_encoding == "json"
+
+
+def test_a_nan_cnn_signal_fails_only_its_own_verdict() -> None:
+    fakes = Fakes()
+    outcomes = fakes.scorer(classify=lambda images: scores([math.nan, 0.1][: len(images)])).score([item(1), item(2)])
+    assert reasons(outcomes) == ["processing_failed", "allow"]
+    assert outcomes[0].detail.startswith("ValueError: fusion returned nan") or "ValidationError" in outcomes[0].detail
+
+
+def test_a_record_that_keeps_failing_a_batch_step_is_isolated_and_dead_lettered() -> None:
+    fakes = Fakes()
+    fakes.poison = "img-3"
+    items = [item(seed) for seed in range(1, 7)]
+    outcomes = fakes.scorer().score(items)
+    assert reasons(outcomes) == ["allow", "allow", "processing_failed", "allow", "allow", "allow"]
+    assert outcomes[2].detail == "ValueError: shard cannot store img-3"
+    assert len(fakes.dedup_calls) <= 3 + 2 * math.ceil(math.log2(len(items))) + 1  # bounded, never forever
+
+
+def test_a_failure_that_does_not_recur_is_retried_without_dead_letters() -> None:
+    fakes = Fakes()
+    fakes.dedup_failures = [RuntimeError("flaky")]
+    outcomes = fakes.scorer().score([item(1), item(2)])
+    assert reasons(outcomes) == ["allow", "allow"] and len(fakes.dedup_calls) == 2
+
+
+def test_an_unavailable_dependency_is_waited_for_and_blames_no_record() -> None:
+    fakes = Fakes()
+    fakes.dedup_failures = [Unavailable("shard restarting")] * 10
+    outcomes = fakes.scorer().score([item(1)])
+    assert reasons(outcomes) == ["allow"] and len(fakes.dedup_calls) == 11
+
+
+def test_stopping_while_a_dependency_is_down_leaves_the_batch_unscored() -> None:
+    fakes = Fakes()
+    fakes.dedup_failures = [Unavailable("shard restarting")] * 10
+    with pytest.raises(Stopping):
+        fakes.scorer(should_stop=lambda: True).score([item(1)])
+
+
+TRUNCATED_JPEG = sorted(SAMPLES.glob("*.jpg"))[0].read_bytes()[:1500]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (b"\x00\xffnot json", {"invalid_event"}),
+        (b"[1, 2, 3]", {"invalid_event"}),
+        (None, {"invalid_event"}),
+        (event("i", data_b64="not base64!"), {"invalid_event"}),
+        (event("i", data_b64=""), {"invalid_event"}),
+        (event("i" * 100_000, data_b64="AAAA"), {"invalid_event"}),
+        (event("i", uri="file:///tmp/a%00b.jpg"), {"fetch_failed", "processing_failed"}),
+        (event("i", uri="http://[::1/x"), {"fetch_failed", "processing_failed"}),
+        (event("i", uri="file://[/x"), {"fetch_failed", "processing_failed"}),
+        (event("i", data_b64=base64.b64encode(TRUNCATED_JPEG).decode()), {"decode_failed"}),
+        (event("i", data_b64=base64.b64encode(b"\x00").decode()), {"decode_failed", "unsupported_format"}),
+    ],
+    ids=["binary", "array", "tombstone", "bad-base64", "empty-base64", "huge-id", "null-byte-uri",
+         "broken-ipv6", "broken-file-host", "truncated-jpeg", "one-byte"],
+)
+def test_hostile_records_become_dead_letters_with_their_reason(value: bytes | None, expected: set[str]) -> None:
+    loaded = load_record(Record(value, offset=7), LIMITS, DRAFT, model_input)
+    assert isinstance(loaded, DeadLetter) and loaded.reason in expected, loaded
+    assert len(loaded.event_id) <= 320 and "Traceback" not in loaded.detail
+
+
+def test_anything_a_loader_raises_is_a_processing_failed_dead_letter(monkeypatch) -> None:
+    def explode(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("decoder exploded")
+
+    monkeypatch.setattr("workers.scorer.decode_image", explode)
+    value = event("i", data_b64=base64.b64encode(image_bytes(1)).decode())
+    loaded = load_record(Record(value), LIMITS, DRAFT, model_input)
+    assert isinstance(loaded, DeadLetter)
+    assert (loaded.reason, loaded.detail) == ("processing_failed", "RuntimeError: decoder exploded")
+    assert loaded.event_id == json.loads(value)["event_id"]
