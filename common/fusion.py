@@ -1,4 +1,4 @@
-"""Fusion, method 4 of the talk: a small decision tree turns the signals into P(adult),
+"""Fusion, method 4 of the design (see README): a small decision tree turns the signals into P(adult),
 then thresholds turn P(adult) into an action.
 
 The tree is plain JSON-serialisable data, so a model bundle carries no pickles:

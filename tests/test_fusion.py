@@ -1,4 +1,4 @@
-"""Fusion tree: the talk's rule, sklearn conversion, JSON round trip, thresholds."""
+"""Fusion tree: the original design's rule, sklearn conversion, JSON round trip, thresholds."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""The CNN as a Ray Serve deployment: method 3 of the talk.
+"""The CNN as a Ray Serve deployment: method 3 of the design (see README).
 
 Each request carries a caller's images (at most a model batch); ``@serve.batch``
 merges requests from every ingest actor into model batches counted in images.

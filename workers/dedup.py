@@ -1,4 +1,4 @@
-"""Dedup shard actors: method 1 of the talk (same bytes or a resized copy get
+"""Dedup shard actors: method 1 of the design (see README) (same bytes or a resized copy get
 the earlier verdict without any model work), with state sharded by MD5 so it
 scales out, a changelog so it survives restarts, and the hash banks.
 

@@ -1,4 +1,4 @@
-"""kNN replicas: method 2 of the talk (colour histogram, distance-weighted vote
+"""kNN replicas: method 2 of the design (see README) (colour histogram, distance-weighted vote
 over labelled references). Read-mostly: queries from every ingest actor, adds
 only from reviews, serialised inside ReferenceIndex (hnswlib forbids a
 concurrent add and query)."""

@@ -4,7 +4,7 @@ Colour histograms: photos put most pixels in a few of the 64 bins, and many phot
 palette (beaches, offices, skin), so references form clusters. Each histogram mixes one of
 a fixed set of sparse palettes with a sparse palette of its own, then counts the pixels of
 a 128 x 96 image drawn from that mix: counts / pixels, as common.features.color_histogram
-makes them, which also keeps the values far from float32 denormals (FACTS.md: raw Dirichlet
+makes them, which also keeps the values far from float32 denormals (raw Dirichlet
 samples slow BLAS brute force tenfold).
 
 Photos: smooth colour fields at three scales plus sensor grain. JPEG decode time follows

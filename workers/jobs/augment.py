@@ -1,4 +1,4 @@
-"""Image augmentation for training: the talk's box crop, brightness and
+"""Image augmentation for training: the original design's box crop, brightness and
 saturation (chosen for its failure cases), plus flips and small rotations.
 
 Stateless random ops with explicit seeds: the same (seed, image, copy) gives the

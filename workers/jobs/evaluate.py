@@ -5,7 +5,7 @@ confusion matrix and precision-recall curve; for the fused score, the outcome
 of the bundle's block/review thresholds and a threshold table (share of images
 a human must review against the recall of harmful images). Plus the dedup
 effect: the share of the dataset, as collected, that a reviewer never sees
-because it is an exact or near copy of an earlier image (the talk: 28 % by MD5
+because it is an exact or near copy of an earlier image (the design's source reported 28 % by MD5
 and 6 % more by a resize-robust ID). Writes report.md, metrics.json and PNG
 plots, and records the summary in the bundle manifest.
 

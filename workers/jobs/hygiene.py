@@ -1,6 +1,6 @@
 """``modstream data check``: clean a dataset, find duplicates and leakage, split it.
 
-What goes wrong with scraped image sets (shared/seeds): dead links that all
+What goes wrong with scraped image sets: dead links that all
 return the same placeholder image, files that do not decode, the same photo
 several times, and above all the same photo (or a resized copy) in both the
 training and the test split, which makes every metric lie. Each image is

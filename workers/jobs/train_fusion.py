@@ -1,11 +1,11 @@
-"""``modstream train fusion``: fuse the kNN and CNN probabilities, method 4 of the talk.
+"""``modstream train fusion``: fuse the kNN and CNN probabilities, method 4 of the design (see README).
 
 On the validation split (images neither signal trained on) each candidate is
 judged by cross-validation, so a fitted tree does not win by memorising:
 
   cnn, knn   each signal alone
-  majority   hard votes at 0.5; a split vote scores 0.5 (the talk: did not help, errors correlate)
-  rule       the talk's ``knn >= a && cnn >= b`` with a, b searched on a grid
+  majority   hard votes at 0.5; a split vote scores 0.5 (reported not to help: the signals' errors correlate)
+  rule       the original design's ``knn >= a && cnn >= b`` with a, b searched on a grid
   tree       a shallow decision tree over both probabilities
 
 The best by out-of-fold adult F1 (then average precision; then the simpler) is
