@@ -3,7 +3,8 @@
 Actors that hold state (dedup shards, kNN replicas) append every change here
 and replay the topic when they start, so state survives restarts and moves
 with the actor to any node. Replay must know when it has caught up; end
-offsets are unreliable on the embedded broker (seen in tests: a partition's listed end can lag its high watermark), so the reader first
+offsets are unreliable on the embedded broker (seen in tests: a partition's
+listed end can lag its high watermark), so the reader first
 writes a unique marker to every partition and reads until it has seen all of
 them: this works on any Kafka-compatible broker. Markers are tombstones, so
 compaction removes them on a real cluster.
@@ -24,6 +25,8 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from kafka import KafkaProducer
+
 from common.config import Settings
 from common.errors import ModstreamError
 from common.kafkaio import make_consumer, make_producer, read_from_beginning
@@ -41,16 +44,21 @@ class Changelog:
     def __init__(self, settings: Settings, topic: str) -> None:
         self.settings = settings
         self.topic = topic
-        self._producer = None
+        self._producer: KafkaProducer | None = None
         self._partitions: int | None = None
+
+    def _ready_producer(self) -> KafkaProducer:
+        """The producer, made on first use: a changelog that is only replayed never opens one."""
+        if self._producer is None:
+            self._producer = make_producer(self.settings)
+        return self._producer
 
     def partition_count(self, timeout_s: float = 30.0) -> int:
         """The topic's partitions, as the broker has them (not the configured default)."""
         if self._partitions is None:
-            if self._producer is None:
-                self._producer = make_producer(self.settings)
+            producer = self._ready_producer()
             deadline = time.monotonic() + timeout_s
-            while not (found := self._producer.partitions_for(self.topic)):
+            while not (found := producer.partitions_for(self.topic)):
                 if time.monotonic() > deadline:
                     raise ChangelogError(f"topic {self.topic} has no partitions")
                 time.sleep(0.2)
@@ -66,13 +74,12 @@ class Changelog:
         """Write (key, value[, partition]) records and wait for the broker to acknowledge all of them.
 
         A value of None is a tombstone: compaction removes the key."""
-        if self._producer is None:
-            self._producer = make_producer(self.settings)
-        futures = [self._producer.send(self.topic, key=record[0],
+        producer = self._ready_producer()
+        futures = [producer.send(self.topic, key=record[0],
                                        value=None if record[1] is None else json.dumps(record[1]).encode(),
-                                       partition=record[2] if len(record) > 2 else None)  # type: ignore[misc]
+                                       partition=record[2] if len(record) > 2 else None)
                    for record in records]
-        self._producer.flush(timeout=timeout_s)
+        producer.flush(timeout=timeout_s)
         for future in futures:
             future.get(timeout=timeout_s)
         return len(futures)
@@ -115,8 +122,3 @@ class Changelog:
                             yield key, json.loads(record.value)
         finally:
             consumer.close()
-
-    def close(self) -> None:
-        if self._producer is not None:
-            self._producer.close()
-            self._producer = None

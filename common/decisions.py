@@ -9,11 +9,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 from common.dedupstate import BankHit, Entry, Match, digest64
 from common.features import ImageFeatures, hamming, near_matchable
 from common.fusion import FusionTree, Thresholds
-from common.messages import Bank, Hashes, Signals, UploadEvent, Verdict, utc_timestamp
+from common.messages import (
+    Action,
+    Bank,
+    Hashes,
+    Label,
+    Signals,
+    UploadEvent,
+    Verdict,
+    VerdictSource,
+    utc_timestamp,
+)
 
 DUPLICATE_SOURCES = {"exact": "exact_duplicate", "near": "near_duplicate", "image_review": "review_cache",
                      "bank": "hash_bank"}
@@ -28,7 +39,7 @@ class Decision:
     score: float
     source: str
     matched_image_id: str | None
-    signals: dict
+    signals: dict[str, Any]
     model_version: str | None = None  # the bundle that made a remembered verdict; None: the current one
     bank: BankHit | None = None  # the hash bank entry, for source hash_bank
 
@@ -105,8 +116,10 @@ def variants(features: ImageFeatures, dihedral: bool) -> tuple[int, ...]:
 def to_verdict(event: UploadEvent, features: ImageFeatures, decision: Decision, bundle_id: str,
                latency_ms: float) -> Verdict:
     return Verdict(
-        event_id=event.event_id, image_id=event.image_id, action=decision.action, label=decision.label,
-        score=decision.score, source=decision.source, matched_image_id=decision.matched_image_id,
+        event_id=event.event_id, image_id=event.image_id,
+        # Plain strings until here; Verdict validates them against its literals at run time.
+        action=cast(Action, decision.action), label=cast(Label, decision.label),
+        score=decision.score, source=cast(VerdictSource, decision.source), matched_image_id=decision.matched_image_id,
         signals=Signals(**decision.signals),
         hashes=Hashes(md5=features.md5, pdq=features.pdq, pdq_quality=features.pdq_quality, phash=features.phash),
         bank=None if decision.bank is None else Bank(name=decision.bank.name, entry_id=decision.bank.entry_id),

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import imagehash
 import numpy as np
-import pdqhash  # type: ignore[import-untyped]
+import pdqhash
 from PIL import Image
 
 from common.errors import ModstreamError

@@ -1,5 +1,5 @@
 """The one error of image loading (fetch and decode). Its reasons are exactly the
-DeadLetter reasons of DESIGN.md, so the ingest stage can dead-letter a bad input
+DeadLetter reasons of docs/contracts.md, so the ingest stage can dead-letter a bad input
 without translating or guessing."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The four messages modstream exchanges over Kafka (DESIGN.md, "Topics").
+"""The four messages modstream exchanges over Kafka (docs/contracts.md).
 
 Every message is a frozen pydantic model, strict about types (the wire is JSON,
 so "0.9" is not a score), tolerant of unknown fields (forward compatible), and
@@ -34,7 +34,7 @@ from pydantic_core import PydanticCustomError, from_json, to_json
 
 from common.errors import ModstreamError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 
 Label = Literal["normal", "adult"]
 Action = Literal["allow", "review", "block"]
@@ -403,7 +403,7 @@ class DeadLetter(_Message):
         return cls(
             event_id=event_id, reason=reason, detail=bounded_detail(detail), original=original,
             original_encoding=encoding, original_size=size, original_sha256=digest,
-            original_truncated=truncated,
+            original_truncated=truncated, ts=utc_timestamp(),
         )
 
 

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -77,7 +78,7 @@ class _OwnMetrics:
         self._collector = MultiProcessCollector(None, path=path)
         self._path = path
 
-    def collect(self):
+    def collect(self) -> list[Metric]:
         forget_dead_processes(self._path)
         return [family for family in self._collector.collect() if family.name.startswith(PREFIX)]
 

@@ -1,6 +1,6 @@
 """The producer- and consumer-side tools of the CLI: publish upload events,
-publish review decisions, read verdicts. They speak only DESIGN.md's
-contracts, exactly as an outside producer or consumer would."""
+publish review decisions, read verdicts. They speak only the contracts of docs/contracts.md,
+exactly as an outside producer or consumer would."""
 
 from __future__ import annotations
 

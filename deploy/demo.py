@@ -208,31 +208,32 @@ def run_demo(settings: Settings, samples: Path = SAMPLES) -> int:
             ray_session(settings.ray_address, settings.metrics_port):
         workdir = Path(tmp)
         # The demo's events point at its samples and at copies in its own temp folder: only those.
-        settings = settings.model_copy(update={"limits": settings.limits.model_copy(
-            update={"file_roots": (*settings.limits.file_roots, str(samples), str(workdir))})})
-        settings = settings.model_copy(update={"bundle": str(demo_bundle(workdir))})
+        demo_settings = settings.model_copy(update={
+            "limits": settings.limits.model_copy(
+                update={"file_roots": (*settings.limits.file_roots, str(samples), str(workdir))}),
+            "bundle": str(demo_bundle(workdir))})
         workload = build_workload(samples, workdir)
         print("starting the pipeline (local Ray, Serve classifier, dedup, kNN, review feedback)...",
               file=sys.stderr, flush=True)
-        pipeline = Pipeline(settings).start()
-        outputs = Outputs(settings)
+        pipeline = Pipeline(demo_settings).start()
+        outputs = Outputs(demo_settings)
         try:
             started = time.monotonic()
-            publish_events(settings, workload.originals)
+            publish_events(demo_settings, workload.originals)
             outputs.wait_for(len(workload.originals), 0, timeout_s=120)
-            publish_events(settings, workload.copies + workload.bad)
-            publish_malformed(settings, workload.malformed)
+            publish_events(demo_settings, workload.copies + workload.bad)
+            publish_malformed(demo_settings, workload.malformed)
             dead_expected = len(workload.bad) + len(workload.malformed)
             valid = len(workload.originals) + len(workload.copies)
             outputs.wait_for(valid, dead_expected, timeout_s=120)
             reviewed = next(e for e in workload.events if e.image_id == REVIEWED_SAMPLE)
             print(f"a reviewer marks {REVIEWED_SAMPLE} as adult (a planted decision, to show the feedback "
                   "path); publishing a resized copy of it...", file=sys.stderr, flush=True)
-            publish_review(settings, ReviewDecision(image_id=reviewed.image_id, label="adult", reviewer="demo"))
+            publish_review(demo_settings, ReviewDecision(image_id=reviewed.image_id, label="adult", reviewer="demo"))
             _wait_for_reviews(pipeline, 1)
             copy = upload_event_for(_resized(samples / f"{REVIEWED_SAMPLE}.jpg", workdir, 0.5), inline=True,
                                     image_id=f"{REVIEWED_SAMPLE}-resized-after-review")
-            publish_events(settings, [copy])
+            publish_events(demo_settings, [copy])
             outputs.wait_for(valid + 1, dead_expected, timeout_s=60)
             seconds = time.monotonic() - started
         finally:

@@ -48,7 +48,7 @@ def test_publish_then_consume_in_a_group_commit_and_no_redelivery(make_settings,
     code = main(["publish", "--config", config_file(settings, tmp_path), str(folder)])
     assert code == 0
 
-    # A plain kafka-python consumer that knows only DESIGN.md, in a group.
+    # A plain kafka-python consumer that knows only docs/contracts.md, in a group.
     consumer = KafkaConsumer(settings.topics.uploads, bootstrap_servers=settings.kafka.bootstrap,
                              group_id="outsiders", enable_auto_commit=False, auto_offset_reset="earliest",
                              session_timeout_ms=6000, heartbeat_interval_ms=1000, max_poll_interval_ms=10000)

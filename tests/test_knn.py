@@ -13,7 +13,8 @@ DIM = 64
 def _histograms(rng: np.random.Generator, count: int, palettes: np.ndarray, pixels: int = 1024) -> np.ndarray:
     """Pixel counts of images that each mix one of a few palettes with their own colours.
 
-    Counts (not raw Dirichlet floats) as real images give, and no float32 denormals, which slow BLAS brute force about tenfold.
+    Counts (not raw Dirichlet floats) as real images give, and no float32 denormals,
+    which slow BLAS brute force about tenfold.
     """
     palette_of = rng.integers(len(palettes), size=count)
     own_colours = rng.dirichlet(np.full(DIM, 0.3), size=count)

@@ -8,13 +8,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common.messages import MESSAGE_TYPES, SCHEMA_VERSION
+from common.messages import MESSAGE_TYPES, SCHEMA_VERSION, _Message
 
 SCHEMA_DIR = Path(__file__).resolve().parent
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 
-def build_schema(message_cls: type) -> dict[str, Any]:
+def build_schema(message_cls: type[_Message]) -> dict[str, Any]:
     """The wire schema of one message type, with a stable ``$id`` naming type and version."""
     name = message_cls.schema_file.removesuffix(".schema.json")
     return {
@@ -24,12 +24,12 @@ def build_schema(message_cls: type) -> dict[str, Any]:
     }
 
 
-def render_schema(message_cls: type) -> str:
+def render_schema(message_cls: type[_Message]) -> str:
     """The exact text checked in for one message type (stable key order, trailing newline)."""
     return json.dumps(build_schema(message_cls), indent=2, ensure_ascii=False) + "\n"
 
 
-def load_schema(message_cls: type) -> dict[str, Any]:
+def load_schema(message_cls: type[_Message]) -> dict[str, Any]:
     """The checked-in schema of one message type."""
     return json.loads((SCHEMA_DIR / message_cls.schema_file).read_text(encoding="utf-8"))
 

@@ -72,10 +72,10 @@ def run(args: argparse.Namespace, settings: Settings) -> SuiteResult:
         bundle, histograms = _bundle(settings, folder / "bundle", references, args.seed)
         (folder / "images").mkdir()
         workload = build_workload(folder / "images", images, args.dup_ratio, size, args.seed)
-        settings = _bench_settings(settings, bundle, gpu=bool(gpus), images=folder / "images")
-        with ray_session(settings.ray_address):
-            phases, memory = _run_pipeline(settings, workload)
-        baselines = measure_baselines(settings, bundle, workload, histograms, args)
+        run_settings = _bench_settings(settings, bundle, gpu=bool(gpus), images=folder / "images")
+        with ray_session(run_settings.ray_address):
+            phases, memory = _run_pipeline(run_settings, workload)
+        baselines = measure_baselines(run_settings, bundle, workload, histograms, args)
     _report(result, phases, memory, baselines, gpu=bool(gpus))
     return result
 
@@ -192,10 +192,10 @@ def _report(result: SuiteResult, phases: dict[str, Phase], memory: MemoryPeaks, 
 
     result.goals += _goals(unique, duplicates, mixed, baselines, gpu)
     result.notes += [
-        "each pipeline phase runs once (a repeat needs fresh images); the baselines show min/median/max over "
-        "repeats",
-        "full load: every event published at once, so latency includes the backlog's queueing; half load: "
-        "a producer paced at half the full-load rate of the mix",
+        ("each pipeline phase runs once (a repeat needs fresh images); the baselines show min/median/max over "
+        "repeats"),
+        ("full load: every event published at once, so latency includes the backlog's queueing; half load: "
+        "a producer paced at half the full-load rate of the mix"),
         "copies alternate exact (same bytes, new id) and near (resized to half, re-encoded)",
         "memory sums RSS per process: pages shared between processes count once per process",
     ]

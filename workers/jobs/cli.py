@@ -221,7 +221,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
     fusion = _parser(train_sub, "fusion", common, "fit the fusion tree and pick thresholds",
                      "Scores the validation split with the bundle's kNN index and CNN, compares by cross-validation "
-                     "a decision tree with majority voting, the knn-and-cnn rule and each signal alone, writes the best "
+                     "a decision tree with majority voting, the knn-and-cnn rule and each signal alone, writes the best"
+                     " "
                      "to BUNDLE/fusion.json and picks block/review thresholds for the targets.",
                      "  modstream train fusion work/ --bundle bundle/\n"
                      "  modstream train fusion work/ --bundle bundle/ --target-precision 0.98 --target-recall 0.9")
