@@ -14,7 +14,7 @@ import yaml
 from kafka import KafkaProducer, TopicPartition
 
 from common.dedupstate import REVIEW_ACTIONS
-from common.kafkaio import ensure_topics, make_consumer
+from common.kafkaio import ensure_topics, make_consumer, read_from_beginning
 from common.logend import log_end
 from common.messages import Hashes, ReviewDecision, Signals, Verdict
 from deploy.cli import main
@@ -184,7 +184,8 @@ def test_review_command_says_published_once_acknowledged(make_settings, tmp_path
     ensure_topics(settings)
     assert main(["review", "img-2", "normal", "--config", config_file(settings, tmp_path)]) == 0
     assert "img-2 -> normal published" in capsys.readouterr().err
-    consumer = make_consumer(settings, [settings.topics.reviews], group_id="check")
+    consumer = make_consumer(settings, topics=None, group_id=None)  # no group join to wait for
+    read_from_beginning(consumer, [settings.topics.reviews])
     records = wait_for(lambda: [r for batch in consumer.poll(timeout_ms=200).values() for r in batch],
                        timeout_s=30, message="the review on the topic")
     consumer.close()
