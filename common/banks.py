@@ -27,7 +27,7 @@ from common.config import Settings
 from common.dedupstate import BankEntryValue, BankIndex
 from common.errors import ModstreamError
 from common.features import pdq_to_int
-from common.kafkaio import make_consumer, make_producer, read_from_beginning
+from common.kafkaio import make_consumer, make_producer, publish_acknowledged, read_from_beginning
 
 log = logging.getLogger(__name__)
 
@@ -161,18 +161,11 @@ def import_rows(settings: Settings, bank: str, rows: list[BankRow], action: str,
     check_bank_name(bank)
     if action not in BANK_ACTIONS:
         raise BankFileError(f"action must be one of {', '.join(BANK_ACTIONS)}, got {action!r}")
-    producer = make_producer(settings)
-    try:
-        futures = [producer.send(banks_topic(settings), key=record_key(bank, row.kind, row.hash),
-                                 value=json.dumps({"label": row.label, "action": action,
-                                                   "entry_id": row.entry_id}).encode())
-                   for row in rows]
-        producer.flush(timeout=timeout_s)
-        for future in futures:
-            future.get(timeout=timeout_s)
-    finally:
-        producer.close()
-    return len(rows)
+    return publish_acknowledged(
+        settings, banks_topic(settings),
+        ((record_key(bank, row.kind, row.hash),
+          json.dumps({"label": row.label, "action": action, "entry_id": row.entry_id}).encode()) for row in rows),
+        timeout_s)
 
 
 def read_banks(settings: Settings, timeout_s: float = 60.0) -> BankIndex:
@@ -188,15 +181,7 @@ def remove_bank(settings: Settings, bank: str, timeout_s: float = 60.0) -> int:
     check_bank_name(bank)
     keys = [record_key(name, kind, hash_hex) for name, kind, hash_hex in read_banks(settings, timeout_s).entries
             if name == bank]
-    producer = make_producer(settings)
-    try:
-        futures = [producer.send(banks_topic(settings), key=key, value=None) for key in keys]
-        producer.flush(timeout=timeout_s)
-        for future in futures:
-            future.get(timeout=timeout_s)
-    finally:
-        producer.close()
-    return len(keys)
+    return publish_acknowledged(settings, banks_topic(settings), ((key, None) for key in keys), timeout_s)
 
 
 def apply_bank_record(index: BankIndex, key: str, value: bytes | None) -> None:

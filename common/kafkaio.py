@@ -57,6 +57,24 @@ def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
     return KafkaProducer(**config)
 
 
+def publish_acknowledged(settings: Settings, topic: str, records: Iterable[tuple[str, bytes | None]],
+                         timeout_s: float = 60.0) -> int:
+    """Send (key, value) records and return only once the broker acknowledged every one.
+
+    The one publisher of the CLI's tools: a send that was not acknowledged raises
+    (KafkaError) instead of being reported as published. A value of None is a tombstone.
+    """
+    producer = make_producer(settings)
+    try:
+        futures = [producer.send(topic, key=key, value=value) for key, value in records]
+        producer.flush(timeout=timeout_s)
+        for future in futures:
+            future.get(timeout=timeout_s)
+    finally:
+        producer.close()
+    return len(futures)
+
+
 def make_consumer(settings: Settings, topics: Iterable[str] | None, group_id: str | None,
                   **overrides: Any) -> KafkaConsumer:
     """A consumer with manual commits; subscribe to ``topics`` unless None (assign later)."""

@@ -23,7 +23,7 @@ from kafka.errors import KafkaError
 
 from common.config import Settings
 from common.errors import ModstreamError
-from common.kafkaio import make_consumer, make_producer, read_from_beginning
+from common.kafkaio import make_consumer, make_producer, publish_acknowledged, read_from_beginning
 from common.logend import log_end
 from common.messages import MessageError, ReviewDecision, UploadEvent, Verdict, parse_verdict, to_json_bytes
 
@@ -62,27 +62,17 @@ def publish_events(settings: Settings, events: Iterable[UploadEvent], timeout_s:
     Warns (once) about file:// events outside limits.file_roots: a pipeline with
     the same settings would dead-letter them as not allowed.
     """
+    events = list(events)
     roots = [Path(root).resolve() for root in settings.limits.file_roots]
-    outside: list[str] = []
-    producer = make_producer(settings)
-    try:
-        futures = []
-        for event in events:
-            if event.uri and event.uri.startswith("file://"):
-                path = Path(url2pathname(urlsplit(event.uri).path)).resolve()
-                if not any(path.is_relative_to(root) for root in roots):
-                    outside.append(str(path))
-            futures.append(producer.send(settings.topics.uploads, key=event.image_id, value=to_json_bytes(event)))
-        if outside:
-            print(f"warning: {len(outside)} file:// event(s) outside limits.file_roots "
-                  f"(MODSTREAM_LIMITS_FILE_ROOTS={','.join(map(str, roots))}), e.g. {outside[0]}: a pipeline "
-                  "with these settings refuses them (dead letter fetch_failed, not allowed)", file=sys.stderr)
-        producer.flush(timeout=timeout_s)
-        for future in futures:
-            future.get(timeout=timeout_s)
-    finally:
-        producer.close()
-    return len(futures)
+    outside = [str(path) for path in (Path(url2pathname(urlsplit(event.uri).path)).resolve()
+                                      for event in events if event.uri and event.uri.startswith("file://"))
+               if not any(path.is_relative_to(root) for root in roots)]
+    if outside:
+        print(f"warning: {len(outside)} file:// event(s) outside limits.file_roots "
+              f"(MODSTREAM_LIMITS_FILE_ROOTS={','.join(map(str, roots))}), e.g. {outside[0]}: a pipeline "
+              "with these settings refuses them (dead letter fetch_failed, not allowed)", file=sys.stderr)
+    return publish_acknowledged(settings, settings.topics.uploads,
+                                ((event.image_id, to_json_bytes(event)) for event in events), timeout_s)
 
 
 def publish_review(settings: Settings, decision: ReviewDecision, timeout_s: float = 30.0) -> None:

@@ -33,7 +33,7 @@ from PIL import Image
 from common.bundle import MANIFEST, default_bundle, write_manifest
 from common.config import Settings
 from common.features import HISTOGRAM_BINS, color_histogram
-from common.kafkaio import make_consumer, make_producer, read_from_beginning
+from common.kafkaio import make_consumer, publish_acknowledged, read_from_beginning
 from common.messages import DeadLetter, ReviewDecision, UploadEvent, Verdict, parse_dead_letter, parse_verdict
 from deploy.clients import (
     VERDICT_COLUMNS,
@@ -138,11 +138,7 @@ def harmless_blocks(verdicts: Iterable[Verdict]) -> list[Verdict]:
 
 
 def publish_malformed(settings: Settings, values: Iterable[bytes]) -> None:
-    producer = make_producer(settings)
-    for value in values:
-        producer.send(settings.topics.uploads, key="malformed", value=value)
-    producer.flush()
-    producer.close()
+    publish_acknowledged(settings, settings.topics.uploads, (("malformed", value) for value in values))
 
 
 class Outputs:
