@@ -11,6 +11,9 @@ placeholder files, unreadable files and duplicates across given splits.
 from __future__ import annotations
 
 import csv
+import io
+import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,3 +133,15 @@ def manifest_with_leakage(root: Path, seed: int = 1, per_split: int = 8) -> tupl
         writer.writerows((f"images/{name}" if "/" not in name else name, label, split)
                          for name, label, split in rows)
     return manifest, leaks
+
+
+def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
+    """The bytes of ``image`` saved as ``fmt``: test inputs made in memory."""
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    """One PNG chunk with its length and CRC, for hand-built (hostile) PNGs."""
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))

@@ -4,7 +4,6 @@ would see."""
 
 from __future__ import annotations
 
-import io
 import struct
 import zlib
 
@@ -15,20 +14,13 @@ from PIL import Image, features
 from common.decode import decode_image, to_rgb
 from common.fetch import IMAGE_FORMATS, LoadLimits
 from common.loaderrors import LoadError
+from tests.synthetic_data import encode, png_chunk
 
 LIMITS = LoadLimits()
 EVERY_FORMAT = LoadLimits(formats=IMAGE_FORMATS)
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
 
-def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **options)
-    return buffer.getvalue()
-
-
-def png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
 
 def png_from_rows(width: int, height: int, bit_depth: int, colour_type: int, idat: bytes) -> bytes:

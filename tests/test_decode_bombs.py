@@ -6,7 +6,6 @@ which the worker's RLIMIT_AS guarantees, are asserted, never timings."""
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import struct
@@ -21,20 +20,13 @@ from common.decode import decode_image
 from common.decodeworker import decoder_usage, stop_decoders
 from common.fetch import IMAGE_FORMATS, LoadLimits
 from common.loaderrors import LoadError
+from tests.synthetic_data import encode, png_chunk
 
 LIMITS = LoadLimits(formats=IMAGE_FORMATS)
 DRAFT = (256, 256)
 IDLE_WORKER_BYTES = 200 << 20  # generous: the worker's own idle size (Python, Pillow, codecs) is ~30-60 MiB
 
 
-def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **options)
-    return buffer.getvalue()
-
-
-def png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
 
 def progressive_jpeg(side: int, extra_scans: int) -> bytes:

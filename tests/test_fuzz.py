@@ -9,7 +9,6 @@ A longer search, to run by hand: MODSTREAM_FUZZ_EXAMPLES=20000 pytest tests/test
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from common.messages import (
     peek_event_id,
     to_json_bytes,
 )
+from tests.synthetic_data import encode
 
 REGRESSIONS = Path(__file__).parent / "fuzz_regressions"
 EXAMPLES = int(os.environ.get("MODSTREAM_FUZZ_EXAMPLES", "200"))
@@ -41,11 +41,6 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database
 PARSERS: list[Callable[[bytes], object]] = [parse_upload_event, parse_verdict, parse_review_decision,
                                             parse_dead_letter]
 
-
-def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **options)
-    return buffer.getvalue()
 
 
 def seed_images() -> list[bytes]:
