@@ -115,17 +115,22 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(pause_s)
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    """Base URL of a local HTTP server, started once for this module."""
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+def serve_on_loopback(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """Base URL of a local HTTP server with ``handler``, until the generator is closed."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, name="test-http", daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, name=f"test-{handler.__name__}", daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
     httpd.server_close()
     thread.join()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    """Base URL of a local HTTP server, started once for this module."""
+    yield from serve_on_loopback(Handler)
 
 
 @pytest.fixture
@@ -564,14 +569,7 @@ class HostileHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def hostile_server() -> Iterator[str]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), HostileHandler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, name="test-hostile-http", daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join()
+    yield from serve_on_loopback(HostileHandler)
 
 
 @pytest.mark.parametrize(
