@@ -543,6 +543,14 @@ def parse(model_cls: type[MessageT], raw: bytes | bytearray | memoryview | str) 
         raise _as_message_error(exc) from None
 
 
+def build(model_cls: type[MessageT], **fields: Any) -> MessageT:
+    """A message from values a user typed (CLI flags); a bad one raises MessageError, not a traceback."""
+    try:
+        return model_cls(**fields)
+    except ValidationError as exc:
+        raise _as_message_error(exc) from None
+
+
 def parse_upload_event(raw: bytes | bytearray | memoryview | str) -> UploadEvent:
     return parse(UploadEvent, raw)
 

@@ -101,12 +101,12 @@ def _since(text: str) -> int:
 
 
 def cmd_review(args: argparse.Namespace, settings: Settings) -> int:
-    from common.messages import ReviewDecision
+    from common.messages import ReviewDecision, build
     from deploy.clients import publish_review
 
     settings = _require_bootstrap(settings)
-    decision = ReviewDecision(image_id=args.image_id, label=args.label, reviewer=args.reviewer,
-                              md5=args.md5, phash=args.phash)
+    decision = build(ReviewDecision, image_id=args.image_id, label=args.label, reviewer=args.reviewer,
+                     md5=args.md5, pdq=args.pdq)
     publish_review(settings, decision, timeout_s=args.timeout)  # raises unless the broker acknowledged it
     print(f"review {args.image_id} -> {args.label} published to {settings.topics.reviews}", file=sys.stderr)
     return 0
@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     review.add_argument("label", choices=["adult", "normal"])
     review.add_argument("--reviewer", default="cli")
     review.add_argument("--md5", default=None, help="the image's MD5, when the pipeline has not seen it")
-    review.add_argument("--phash", default=None, help="the image's perceptual hash (16 hex digits)")
+    review.add_argument("--pdq", default=None,
+                        help="the image's PDQ (64 hex digits): copies within the match distance get the label too")
     review.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                         help="how long to wait for the broker's acknowledgement; without it, exit 2")
     review.set_defaults(handler=cmd_review)

@@ -178,6 +178,13 @@ def test_review_command_fails_without_an_acknowledgement(capsys) -> None:
     assert "img-1 was not sent" in err and "published" not in err
 
 
+@pytest.mark.parametrize("flags", [["--pdq", "zz"], ["--md5", "x" * 32], ["--pdq", "0" * 6400]])
+def test_review_command_refuses_bad_hashes_with_a_message(flags: list[str], capsys) -> None:
+    assert main(["review", "img-1", "adult", "--bootstrap", "127.0.0.1:1", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("modstream review: ") and "Traceback" not in err and "published" not in err
+
+
 @pytest.mark.integration
 def test_review_command_says_published_once_acknowledged(make_settings, tmp_path, capsys) -> None:
     settings = make_settings()
