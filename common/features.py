@@ -17,6 +17,7 @@ uses it: 64 bits cannot separate millions of photos.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import imagehash
@@ -192,14 +193,17 @@ class ImageFeatures:
         return near_matchable(self.pdq_quality)
 
 
-def extract_features(data: bytes, img: Image.Image, original_size: tuple[int, int]) -> ImageFeatures:
+def extract_features(data: bytes, img: Image.Image, original_size: tuple[int, int],
+                     model_input: Callable[[Image.Image], np.ndarray] = cnn_input) -> ImageFeatures:
     """Compute all features of one upload.
 
     `img` is the decoded (possibly draft-reduced) RGB image; `original_size` is
-    the (width, height) of the full image, which a draft decode no longer has."""
+    the (width, height) of the full image, which a draft decode no longer has.
+    `model_input` makes the CNN's uint8 input the way the serving bundle wants it
+    (its resize and crop), so the image is resized for the model only once."""
     variants, quality = pdq_hashes(img)
     histogram = color_histogram(img)
-    tensor = cnn_input(img)
+    tensor = model_input(img)
     histogram.setflags(write=False)
     tensor.setflags(write=False)
     width, height = original_size

@@ -156,8 +156,7 @@ def _load(record: RecordLike, limits: LoadLimits, draft: tuple[int, int], model_
         started = time.perf_counter()
         image = decode_image(data, limits, draft_to=draft)
         decoded = time.perf_counter()
-        features = extract_features(data, image, image.size)
-        features = replace(features, cnn_input=_read_only(model_input(image)))
+        features = extract_features(data, image, image.size, model_input)
         metrics.STAGE_LATENCY.labels(stage="decode").observe(decoded - started)
         metrics.STAGE_LATENCY.labels(stage="hash").observe(time.perf_counter() - decoded)
     except LoadError as exc:
@@ -166,11 +165,6 @@ def _load(record: RecordLike, limits: LoadLimits, draft: tuple[int, int], model_
         log.warning("processing event %s failed: %s", event.event_id, describe(exc))
         return dead_letter(record, "processing_failed", describe(exc), event.event_id)
     return Item(event, features, record.timestamp, bytes(raw or b""))
-
-
-def _read_only(array: np.ndarray) -> np.ndarray:
-    array.setflags(write=False)
-    return array
 
 
 def processing_failed(item: Item, exc: BaseException) -> DeadLetter:
