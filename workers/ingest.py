@@ -48,6 +48,7 @@ from common.messages import DeadLetter
 from workers.classifier import DEPLOYMENT_NAME
 from workers.classifier import Scored as ClassifierAnswer
 from workers.dedup import lookup_all
+from workers.review import wait_until_caught_up
 from workers.scorer import (
     Item,
     Lookups,
@@ -68,6 +69,7 @@ APP_NAME = "modstream"  # the default of settings.classifier.app_name
 MODEL_ATTEMPTS = 6  # a killed classifier replica is replaced within a few seconds
 POLL_TIMEOUT_MS = 100
 REVIEW_SYNC_STEP_S = 0.05
+REVIEW_LAGGING_CHECK_S = 0.1  # while reviews lag: a quick look per batch, no full wait
 THREAD_DIED_EXIT_CODE = 70
 MAX_POLL_FAILURES = 30  # in a row, about two minutes with the back-off
 # Ray failures that say an actor or object is gone for now, not that the call was wrong.
@@ -112,7 +114,7 @@ class IngestWorker:
         self._outstanding_changed = threading.Condition()
         self.counts: Counter[str] = Counter()
         self.last_activity = time.monotonic()
-        self._warned_no_review_sync = False
+        self._review_lagging = False  # the last wait for reviews ran out of time
         self._poll_failures = 0
         self.producer = make_producer(settings)
         self.loaders = ThreadPoolExecutor(max_workers=4, thread_name_prefix="load")
@@ -304,33 +306,21 @@ class IngestWorker:
     # -- what the scorer and the sink call ----------------------------------------------------------
 
     def _wait_for_reviews(self, until_ms: int) -> bool:
-        """Let ReviewFeedback apply every review published up to ``until_ms`` (bounded wait)."""
-        caught_up = getattr(self.review, "caught_up", None) if self.review is not None else None
-        timeout_s = self.settings.pipeline.review_sync_timeout_s
-        if caught_up is None:
-            if not self._warned_no_review_sync:
-                log.warning("review feedback has no caught_up(); scoring without review sync")
-                self._warned_no_review_sync = True
-            metrics.REVIEW_SYNC_TIMEOUTS.inc()
-            return False
-        deadline = time.monotonic() + timeout_s
-        pending = None  # one question at a time: an answer can take seconds while the broker is away
-        while True:
-            try:
-                pending = pending or caught_up.remote(until_ms)
-                answer = ray.get(pending, timeout=max(0.0, deadline - time.monotonic()))
-                pending = None
-                if answer:
-                    return True
-            except ray.exceptions.GetTimeoutError:
-                pass  # still thinking: keep waiting on the same question
-            except Exception as exc:  # restarting: ask again, the bound below still holds
-                pending = None
-                log.debug("review sync: %s", describe(exc))
-            if time.monotonic() >= deadline:
-                break
-            time.sleep(REVIEW_SYNC_STEP_S)
-        log.warning("review feedback not caught up with %d after %.1f s; scoring anyway", until_ms, timeout_s)
+        """Let ReviewFeedback apply every review published up to ``until_ms`` (bounded wait).
+
+        Once the bound ran out, later batches only check briefly until the review
+        consumer is caught up again: a review actor that is down costs the stream
+        one timeout, not one per batch."""
+        timeout_s = REVIEW_LAGGING_CHECK_S if self._review_lagging else self.settings.pipeline.review_sync_timeout_s
+        if wait_until_caught_up(self.review, until_ms, timeout_s, REVIEW_SYNC_STEP_S):
+            if self._review_lagging:
+                log.info("review feedback caught up again; waiting for reviews before scoring")
+            self._review_lagging = False
+            return True
+        if not self._review_lagging:
+            log.warning("review feedback not caught up with %d after %.1f s; scoring without waiting until "
+                        "it is", until_ms, timeout_s)
+        self._review_lagging = True
         metrics.REVIEW_SYNC_TIMEOUTS.inc()
         return False
 

@@ -424,12 +424,19 @@ def wait_until_caught_up(review: Any, until_ms: int, timeout_s: float, poll_s: f
     """Ask a ReviewFeedback actor until it is caught up to ``until_ms``; False when ``timeout_s`` ran out
     (or the actor kept failing to answer)."""
     deadline = time.monotonic() + timeout_s
+    pending = None  # one question at a time: an answer can take seconds while the broker is away
     while True:
         try:
-            if ray.get(review.caught_up.remote(until_ms), timeout=max(0.1, deadline - time.monotonic())):
+            pending = pending or review.caught_up.remote(until_ms)
+            answer = ray.get(pending, timeout=max(0.0, deadline - time.monotonic()))
+            pending = None
+            if answer:
                 return True
+        except ray.exceptions.GetTimeoutError:
+            pass  # still thinking: keep waiting on the same question
         except ray.exceptions.RayError:
-            log.debug("review feedback did not answer caught_up", exc_info=True)  # restarting: ask again
+            pending = None  # restarting: ask again, the bound still holds
+            log.debug("review feedback did not answer caught_up", exc_info=True)
         if time.monotonic() >= deadline:
             return False
         time.sleep(poll_s)
