@@ -84,13 +84,17 @@ def test_quick_ray_suites(ray_cluster, broker, tmp_path: Path, capsys: pytest.Ca
     assert all(cell["median"] > 0 for cell in _column(classifier, "Serve img/s"))
 
     pipeline = _suite(document, "pipeline")
-    throughput, latency, costs, memory = pipeline["tables"]
+    throughput, latency, costs, by_process, memory = pipeline["tables"]
     assert len(throughput["rows"]) == 6 and all(_column(throughput, "images/s"))
     assert _column(latency, "events") == [12, 12, 12]  # every event got its verdict
     assert all(row["p50 ms"] <= row["p99 ms"] for row in latency["rows"])
     assert _column(costs, "stage")[-1] == "total"
     assert all(value > 0 for value in _column(memory, "MB"))
-    assert len(pipeline["goals"]) == 5
+    processes = dict(zip(_column(by_process, "process"), _column(by_process, "unique: ms/image"), strict=True))
+    assert processes["ingest actors"] > 0 and processes["classifier replicas"] > 0  # the run's own processes
+    assert processes["  ingest: load threads (validate, fetch, features, decode requests)"] > 0
+    assert _column(by_process, "process")[-1] == "pipeline total (own)"
+    assert len(pipeline["goals"]) == 6
 
 
 def test_quick_compression_suite(broker, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -45,6 +45,7 @@ from common.errors import ModstreamError
 from common.fusion import FusionTree, Thresholds, applied_thresholds
 from common.kafkaio import make_producer
 from common.messages import DeadLetter
+from common.threadcpu import cpu_by_thread
 from workers.classifier import DEPLOYMENT_NAME
 from workers.classifier import Scored as ClassifierAnswer
 from workers.dedup import lookup_all
@@ -159,7 +160,8 @@ class IngestWorker:
         idle = self._outstanding == 0 and self._poll_failures == 0  # a partition that cannot be read is not idle
         partitions = len(self.source.ledger.owned()) if self.source is not None else 0
         return {"worker": self.worker_index, "pid": os.getpid(), **self.counts, "idle": idle, "partitions": partitions,
-                "inflight_batches": self.batches.qsize(), "idle_for_s": time.monotonic() - self.last_activity}
+                "inflight_batches": self.batches.qsize(), "idle_for_s": time.monotonic() - self.last_activity,
+                "cpu_by_thread": cpu_by_thread()}
 
     def _supervised(self, loop: Callable[[], None]) -> None:
         """Run a thread's loop; if it ever raises, say so loudly and take the actor down."""

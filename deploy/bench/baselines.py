@@ -18,7 +18,7 @@ import numpy as np
 from common.bundle import Bundle
 from common.cnn import CnnModel
 from common.config import Settings
-from common.decode import decode_image
+from common.decode import decode_image, decode_in_process
 from common.features import HISTOGRAM_BINS, color_histogram, extract_features, md5_hex, phash_hex
 from common.fetch import LoadLimits, fetch_bytes
 from common.knn import brute_force_knn, hellinger_embedding
@@ -34,7 +34,8 @@ class Baselines:
     """The yardsticks, each over repeats."""
 
     cores: int
-    costs: dict[str, Measure]  # stage -> CPU ms per image
+    costs: dict[str, Measure]  # stage (fetch, decode, features, knn, cnn) -> CPU ms per image
+    labels: dict[str, str]  # stage -> what was measured, for the tables
     total_cost_ms: Measure
     cpu_limit: Measure  # images/s
     best_batch: int
@@ -62,19 +63,24 @@ def measure_baselines(settings: Settings, bundle: Bundle, workload: Workload, re
         fn()
         return Measure.of((timed(fn)[1] * 1000 / len(uris) for _ in range(args.repeats)), "ms")
 
+    # The decode itself, in this process: the worker process that guards it in the pipeline is
+    # the pipeline's own cost (and its CPU would not show in this process's clock).
     costs = {
-        "fetch (file://)": cpu_ms(lambda: [fetch_bytes(uri, limits) for uri in uris]),
-        f"decode (draft {draft[0]})": cpu_ms(lambda: [decode_image(data, limits, draft_to=draft) for data in blobs]),
-        "features (MD5, pHash, histogram, CNN input)": cpu_ms(
+        "fetch": cpu_ms(lambda: [fetch_bytes(uri, limits) for uri in uris]),
+        "decode": cpu_ms(lambda: [decode_in_process(data, limits, draft_to=draft) for data in blobs]),
+        "features": cpu_ms(
             lambda: [extract_features(data, image, image.size) for data, image in zip(blobs, images, strict=True)]),
-        f"kNN ({len(index):,} references, batches of {batch})": cpu_ms(
+        "knn": cpu_ms(
             lambda: [index.probabilities(histograms[i:i + batch]) for i in range(0, len(histograms), batch)]),
     }
     batches = tuple(sizes.BATCHES.pick(args.batch_sizes, args.quick))
     cnn_count = max(2 * max(batches), sizes.BASELINE_CNN_IMAGES.pick(None, args.quick))
     cnn_inputs = np.resize(np.stack([f.cnn_input for f in features]), (cnn_count, *features[0].cnn_input.shape))
     best = max(in_process(model, cnn_inputs, batches, args.repeats), key=lambda run: run.images_per_s.median)
-    costs[f"CNN (batch {best.batch})"] = best.cpu_ms
+    costs["cnn"] = best.cpu_ms
+    labels = {"fetch": "fetch (file://)", "decode": f"decode (draft {draft[0]}, in process)",
+              "features": "features (MD5, PDQ, histogram, CNN input)",
+              "knn": f"kNN ({len(index):,} references, batches of {batch})", "cnn": f"CNN (batch {best.batch})"}
     totals = [sum(samples) for samples in zip(*(cost.samples for cost in costs.values()), strict=True)]
     cores = usable_cpus()
     naive_events = workload.full_load[::max(1, len(workload.full_load) // sample_size)][:sample_size]
@@ -83,7 +89,7 @@ def measure_baselines(settings: Settings, bundle: Bundle, workload: Workload, re
                              settings.pipeline.knn_k)
     naive_loop()
     naive = Measure.of((len(naive_events) / timed(naive_loop)[0] for _ in range(args.repeats)), "images/s")
-    return Baselines(cores=cores, costs=costs, total_cost_ms=Measure.of(totals, "ms"),
+    return Baselines(cores=cores, costs=costs, labels=labels, total_cost_ms=Measure.of(totals, "ms"),
                      cpu_limit=Measure.of((cores * 1000 / total for total in totals), "images/s"),
                      best_batch=best.batch, cnn_ceiling=best.images_per_s, naive=naive,
                      naive_events=len(naive_events))
@@ -96,7 +102,7 @@ def _naive_loop(uris: list[str], limits: LoadLimits, model: CnnModel, references
     def loop() -> None:
         for uri in uris:
             data = fetch_bytes(uri, limits)
-            image = decode_image(data, limits)
+            image = decode_in_process(data, limits)
             md5_hex(data), phash_hex(image)
             histogram = color_histogram(image)
             if references is not None:

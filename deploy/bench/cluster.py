@@ -66,3 +66,68 @@ class MemorySampler:
             peaks.driver, peaks.ray_workers = max(peaks.driver, driver), max(peaks.ray_workers, ray_workers)
             peaks.everything = max(peaks.everything, everything)
             self._stop.wait(self.interval_s)
+
+
+# Process roles of a local run, by the title Ray gives each worker process (ray::<actor class>).
+ROLE_TITLES = (
+    ("ray::Ingest", "ingest actors"),
+    ("ray::ServeReplica", "classifier replicas"),
+    ("ray::DedupShard", "dedup shards (lookups, changelog)"),
+    ("ray::KnnReplica", "kNN replicas"),
+    ("ray::ReviewFeedback", "review feedback"),
+    ("ray::ServeController", "Serve controller"),
+)
+DECODE_WORKERS = "decode workers (children of ingest)"
+RAY_DAEMONS = "Ray daemons (raylet, GCS, dashboard, agents, idle workers)"
+BROKER = "embedded broker"
+DRIVER = "bench driver (producer, verdict reader)"
+
+
+def process_role(name: str, parent_name: str, is_driver: bool) -> str:
+    """What a process of this run is for, from its title and its parent's."""
+    if is_driver:
+        return DRIVER
+    for prefix, role in ROLE_TITLES:
+        if name.startswith(prefix):
+            return role
+    if parent_name.startswith("ray::Ingest"):
+        return DECODE_WORKERS
+    if name.startswith("tansu"):
+        return BROKER
+    return RAY_DAEMONS
+
+
+class ProcessCpu:
+    """CPU seconds by role of this process and its descendants between ``start`` and ``stop``.
+
+    A process that starts in between counts from zero; one that exits in between loses
+    what it spent (the decode workers and actors of a run live through it).
+    """
+
+    def __init__(self) -> None:
+        self._start: dict[int, float] = {}
+        self.by_role: dict[str, float] = {}
+
+    @staticmethod
+    def _snapshot() -> dict[int, tuple[str, float]]:
+        import psutil
+
+        me = psutil.Process()
+        found: dict[int, tuple[str, float]] = {}
+        for process in [me, *me.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                times = process.cpu_times()
+                parent = process.parent()
+                role = process_role(process.name(), parent.name() if parent else "", process.pid == me.pid)
+                found[process.pid] = (role, times.user + times.system)
+        return found
+
+    def start(self) -> None:
+        self._start = {pid: spent for pid, (_, spent) in self._snapshot().items()}
+
+    def stop(self) -> dict[str, float]:
+        by_role: dict[str, float] = {}
+        for pid, (role, spent) in self._snapshot().items():
+            by_role[role] = by_role.get(role, 0.0) + spent - self._start.get(pid, 0.0)
+        self.by_role = by_role
+        return by_role
