@@ -27,7 +27,7 @@ from common.changelog import Changelog
 from common.config import Settings
 from common.dedupstate import dequantise_histogram, shard_of
 from common.features import MIN_PDQ_QUALITY, md5_hex
-from common.kafkaio import make_consumer, make_producer
+from common.kafkaio import FOLLOWER_FETCH_MAX_WAIT_MS, make_consumer, make_producer
 from common.logend import log_end
 from common.messages import (
     DeadLetter,
@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 UNKNOWN_PDQ = "0" * 64  # quality 0: never near-matched
 POLL_RECORDS = 500
 ENDS_TIMEOUT_MS = 5000  # caught_up answers "no" rather than keep callers waiting on an unreachable broker
+# End offsets listed at T answer later questions about records stamped before T - this margin (a
+# record is at the broker within moments of its timestamp); a backlog's batches then share one listing.
+ENDS_REUSE_MARGIN_MS = 100
 APPLY_ATTEMPTS = 5  # a decision failing this often for a reason other than those below is dead-lettered
 # Failures that pass: a shard or replica restarting (Ray restarts them), the broker away.
 TRANSIENT: tuple[type[BaseException], ...] = (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError,
@@ -204,6 +207,7 @@ class ReviewFeed:
         self.thread = threading.Thread(target=self._run, name="reviews", daemon=True)
         self._ends_consumer: Any = None
         self._ends_lock = threading.Lock()
+        self._listed: tuple[float, dict[int, int]] | None = None  # (listed at, ms; end offset per partition)
         self._producer: Any = None
 
     def start(self) -> ReviewFeed:
@@ -233,20 +237,29 @@ class ReviewFeed:
     def caught_up(self, until_ms: int) -> bool:
         """True once every record in the review topic with a timestamp at or before ``until_ms``, as
         of this call, is applied. End offsets are asked now, so a review the broker held when the
-        call was made is never missed; records that arrive later are not waited for."""
+        call was made is never missed; records that arrive later are not waited for. Ends listed
+        after ``until_ms`` (by ENDS_REUSE_MARGIN_MS) already answer that, so a backlog's batches,
+        all stamped before the last listing, share one broker request instead of one each."""
         partitions = self.progress.started()
         if not partitions:
             return False  # the consumer has not started: its backlog is unknown
         try:
             with self._ends_lock:
-                if self._ends_consumer is None:
-                    self._ends_consumer = make_consumer(self.settings, topics=None, group_id=None)
-                ends = self._ends_consumer.end_offsets([TopicPartition(self.topic, p) for p in partitions],
-                                                       timeout_ms=ENDS_TIMEOUT_MS)
+                listed = self._listed
+                if listed is None or until_ms > listed[0] - ENDS_REUSE_MARGIN_MS or set(listed[1]) != set(partitions):
+                    listed = (time.time() * 1000, self._list_ends(partitions))
+                    self._listed = listed
         except KafkaError:
             log.warning("end offsets of %s unavailable; not caught up", self.topic, exc_info=True)
             return False
-        return self.progress.caught_up({tp.partition: end for tp, end in ends.items()}, until_ms)
+        return self.progress.caught_up(listed[1], until_ms)
+
+    def _list_ends(self, partitions: list[int]) -> dict[int, int]:
+        if self._ends_consumer is None:
+            self._ends_consumer = make_consumer(self.settings, topics=None, group_id=None)
+        ends = self._ends_consumer.end_offsets([TopicPartition(self.topic, p) for p in partitions],
+                                               timeout_ms=ENDS_TIMEOUT_MS)
+        return {tp.partition: end for tp, end in ends.items()}
 
     # -- the consumer thread -----------------------------------------------------------------------
 
@@ -291,7 +304,8 @@ class ReviewFeed:
 
     def _connect(self) -> Any:
         """Assign every partition at its group's committed offset (or the earliest)."""
-        consumer = make_consumer(self.settings, topics=None, group_id=self.group_id)
+        consumer = make_consumer(self.settings, topics=None, group_id=self.group_id,
+                                 fetch_max_wait_ms=FOLLOWER_FETCH_MAX_WAIT_MS)
         try:
             partitions = read_partitions(consumer, self.topic)
             consumer.assign(partitions)
