@@ -15,8 +15,8 @@ keeps one batch computing and one filling (MAX_CONCURRENT_BATCHES), so it
 admits ``requests_per_batch * (MAX_CONCURRENT_BATCHES + 1)`` requests (one
 batch queued behind them) and autoscaling aims at ``requests_per_batch``
 ongoing requests per replica: one full model batch each. With the defaults
-(32-image polls and batches) that is 3 and 1, so four busy ingest actors ask
-for four replicas; a target of 32 or 64 images would never be reached.
+(32-image polls, 8-image model batches) that is 3 and 1, so four busy ingest
+actors ask for four replicas; a target of 32 or 64 images would never be reached.
 These functions are the only source of the Classifier's options: the Helm
 chart passes ``config.classifier`` through the config file and sets none of
 them itself.

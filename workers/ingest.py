@@ -254,13 +254,20 @@ class IngestWorker:
     def _score_loop(self) -> None:
         """Score batches in order; settle each (durable, then committable) while the next is scored.
 
+        Every batch already queued when the thread turns to scoring is scored
+        with the first, in one pass (one review sync, one dedup call per shard,
+        one kNN query, full model batches): under a backlog the passes grow
+        and the per-call costs shrink per image, and at low load a batch never
+        waits behind the ones queued before it.
+
         A batch's verdicts are sent and its dedup entries written without
-        waiting; the next batch's lookups still see them, because Ray runs one
+        waiting; the next pass's lookups still see them, because Ray runs one
         caller's calls to an actor in order. Its offsets are committed only
         once the broker acknowledged every record and every shard logged its
         entries.
         """
         unsettled: deque[Batch] = deque()
+        passes: list[Batch] = []
         try:
             while True:
                 try:
@@ -269,17 +276,39 @@ class IngestWorker:
                     while unsettled:
                         self._settle(unsettled.popleft())
                     continue
-                if batch is None:
+                passes, last = self._with_queued(batch)
+                if passes:
+                    self._score_together(passes)
+                    unsettled.extend(passes)
+                    while len(unsettled) > len(passes):
+                        self._settle(unsettled.popleft())
+                if last:
                     while unsettled:
                         self._settle(unsettled.popleft())
                     return
-                batch.scored(self.scorer.score(batch.items))
-                self.sink.publish(batch)
-                unsettled.append(batch)
-                while len(unsettled) > 1:
-                    self._settle(unsettled.popleft())
         except Stopping as exc:  # not committed: the next owner of these partitions replays them
-            log.warning("stopping with %d batches unsettled: %s", len(unsettled) + 1, exc)
+            log.warning("stopping with %d batches unsettled: %s", len(unsettled) + len(passes), exc)
+
+    def _with_queued(self, first: Batch | None) -> tuple[list[Batch], bool]:
+        """``first`` and every batch queued behind it; True when the poll thread has finished."""
+        taken: list[Batch] = []
+        batch = first
+        while batch is not None:
+            taken.append(batch)
+            try:
+                batch = self.batches.get_nowait()
+            except queue.Empty:
+                return taken, False
+        return taken, True
+
+    def _score_together(self, batches: list[Batch]) -> None:
+        """Score several batches in one pass, then publish each (in poll order)."""
+        outcomes = self.scorer.score([item for batch in batches for item in batch.items])
+        start = 0
+        for batch in batches:
+            batch.scored(outcomes[start:start + len(batch.items)])
+            start += len(batch.items)
+            self.sink.publish(batch)
 
     def _settle(self, batch: Batch) -> None:
         self.sink.settle(batch)
