@@ -23,7 +23,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,7 +63,6 @@ class Run:
     """One pipeline's unique-image phase and what each of its ingest actors consumed in it."""
 
     label: str
-    ingest_actors: int
     phase: Phase
     consumed: dict[int, int]  # ingest actor pid -> events consumed during the phase
     placements: list[Placement] = field(default_factory=list)  # empty unless on the two-node cluster
@@ -163,7 +162,7 @@ def _measure(settings: Settings, label: str, warmup: list[UploadEvent], events: 
         collector.close()
         pipeline.stop()
     consumed = {pid: count - before.get(pid, 0) for pid, count in after.items()}
-    return Run(label, settings.pipeline.ingest_actors, phase, consumed, placements)
+    return Run(label, phase, consumed, placements)
 
 
 def _wait_for_partitions(pipeline: Any, partitions: int) -> None:
@@ -226,7 +225,7 @@ def layout_goals(placements: list[Placement], consumed: dict[int, int]) -> list[
                  len(counts) == 2 and all(counts))]
 
 
-def _report(result: SuiteResult, runs: list[Run], stages: CpuStages, rates: tuple[int, ...]) -> None:
+def _report(result: SuiteResult, runs: list[Run], stages: CpuStages, rates: Sequence[int]) -> None:
     single = runs[0]
     throughput = result.table("throughput, unique images at full load (first event sent -> last verdict read)",
                               ("layout", "events", "images/s", "vs 1 actor", "CPU-side ms/image",
