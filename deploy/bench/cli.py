@@ -89,7 +89,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     scaleout = parser.add_argument_group(
         "scaleout suite", "also takes --image-size, --references and --naive-images (the CPU-cost sample) "
                           "of the pipeline suite")
-    scaleout.add_argument("--scaleout-images", type=int, help=_defaults(
+    scaleout.add_argument("--scaleout-images", type=int, metavar="N", help=_defaults(
         "unique images per run (1 and 2 ingest actors, two nodes)", sizes.SCALEOUT_IMAGES))
     scaleout.add_argument("--gpu-rates", type=int, nargs="+", metavar="N", help=_defaults(
         "CNN replica images/s to size the CPU side for", sizes.GPU_RATES))
