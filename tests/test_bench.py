@@ -56,6 +56,34 @@ def test_unknown_suite_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert "unknown suite nosuch" in capsys.readouterr().err
 
 
+def test_scaleout_refuses_a_ray_it_did_not_start(monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The suite starts a two-node cluster itself, which cannot happen inside another Ray."""
+    monkeypatch.setenv("MODSTREAM_RAY_ADDRESS", "ray://elsewhere:10001")
+    assert main(["bench", "scaleout", "--quick"]) == 2
+    assert "starts its own Ray" in capsys.readouterr().err
+
+
+def test_scaleout_sizing_and_layout_goals() -> None:
+    """The pure parts of the scaleout suite; the suite itself (three pipelines, a two-node cluster:
+    minutes even at quick sizes) runs by hand: ``modstream bench scaleout --quick``."""
+    from deploy.bench.cluster import BROKER, DRIVER, RAY_DAEMONS
+    from deploy.bench.scaleout import CNN_ROLE, Placement, cores_needed, cpu_side_ms, layout_goals
+
+    cpu = {"ingest actors": 1.0, RAY_DAEMONS: 0.5, CNN_ROLE: 9.0, BROKER: 9.0, DRIVER: 9.0}
+    assert cpu_side_ms(cpu, 100) == 15.0  # ms per image: the CNN, broker and bench driver left out
+    assert cpu_side_ms(cpu, 0) == 0.0
+    assert cores_needed(1000, 15.0) == 15.0
+
+    spread = [Placement("Ingest", "head", 1), Placement("Ingest", "worker", 2), Placement("DedupShard", "head", 3),
+              Placement("DedupShard", "worker", 4), Placement("KnnReplica", "head", 5)]
+    assert [goal.met for goal in layout_goals(spread, {1: 5, 2: 7})] == [True, True, True]
+    packed = [Placement(place.actor, "head", place.pid) for place in spread]
+    goals = layout_goals(packed, {1: 12, 2: 0})
+    assert [goal.met for goal in goals] == [False, False, False]
+    assert goals[0].measured == "head + head" and goals[2].measured == "12 + 0"
+
+
 def test_quick_in_process_suites(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     document, printed = _run(["knn", "dedup", "features"], tmp_path, capsys)
     assert [suite["suite"] for suite in document["suites"]] == ["knn", "dedup", "features"]

@@ -19,7 +19,7 @@ from common.bundle import Bundle
 from common.cnn import CnnModel
 from common.config import Settings
 from common.decode import decode_image, decode_in_process
-from common.features import HISTOGRAM_BINS, color_histogram, extract_features, md5_hex, phash_hex
+from common.features import HISTOGRAM_BINS, ImageFeatures, color_histogram, extract_features, md5_hex, phash_hex
 from common.fetch import LoadLimits, fetch_bytes
 from common.knn import brute_force_knn, hellinger_embedding
 from deploy.bench import sizes
@@ -44,15 +44,22 @@ class Baselines:
     naive_events: int
 
 
-def measure_baselines(settings: Settings, bundle: Bundle, workload: Workload, references: np.ndarray,
-                      args: argparse.Namespace) -> Baselines:
-    sample_size = sizes.BASELINE_SAMPLE.pick(args.naive_images, args.quick)
+@dataclass(frozen=True)
+class CpuStages:
+    """The CPU-side stages' cost per image, and the features they made (whose CNN inputs the
+    CNN measurements reuse)."""
+
+    costs: dict[str, Measure]  # stage (fetch, decode, features, knn) -> CPU ms per image
+    labels: dict[str, str]
+    features: list[ImageFeatures]
+
+
+def measure_cpu_stages(settings: Settings, bundle: Bundle, uris: list[str], repeats: int) -> CpuStages:
+    """What every unique image costs before the CNN, each stage by this process's CPU clock."""
     limits = settings.load_limits()
     draft = (settings.pipeline.draft_size, settings.pipeline.draft_size)
-    model = CnnModel(bundle.cnn)
     index = bundle.load_references()
     index.k = settings.pipeline.knn_k
-    uris = [event.uri for event in workload.unique[:sample_size]]
     blobs = [fetch_bytes(uri, limits) for uri in uris]
     images = [decode_image(data, limits, draft_to=draft) for data in blobs]
     features = [extract_features(data, image, image.size) for data, image in zip(blobs, images, strict=True)]
@@ -61,7 +68,7 @@ def measure_baselines(settings: Settings, bundle: Bundle, workload: Workload, re
 
     def cpu_ms(fn: Callable[[], object]) -> Measure:
         fn()
-        return Measure.of((timed(fn)[1] * 1000 / len(uris) for _ in range(args.repeats)), "ms")
+        return Measure.of((timed(fn)[1] * 1000 / len(uris) for _ in range(repeats)), "ms")
 
     # The decode itself, in this process: the worker process that guards it in the pipeline is
     # the pipeline's own cost (and its CPU would not show in this process's clock).
@@ -73,14 +80,26 @@ def measure_baselines(settings: Settings, bundle: Bundle, workload: Workload, re
         "knn": cpu_ms(
             lambda: [index.probabilities(histograms[i:i + batch]) for i in range(0, len(histograms), batch)]),
     }
+    labels = {"fetch": "fetch (file://)", "decode": f"decode (draft {draft[0]}, in process)",
+              "features": "features (MD5, PDQ, histogram, CNN input)",
+              "knn": f"kNN ({len(index):,} references, batches of {batch})"}
+    return CpuStages(costs, labels, features)
+
+
+def measure_baselines(settings: Settings, bundle: Bundle, workload: Workload, references: np.ndarray,
+                      args: argparse.Namespace) -> Baselines:
+    sample_size = sizes.BASELINE_SAMPLE.pick(args.naive_images, args.quick)
+    limits = settings.load_limits()
+    model = CnnModel(bundle.cnn)
+    stages = measure_cpu_stages(settings, bundle, [event.uri for event in workload.unique[:sample_size]],
+                                args.repeats)
+    costs, features = dict(stages.costs), stages.features
     batches = tuple(sizes.BATCHES.pick(args.batch_sizes, args.quick))
     cnn_count = max(2 * max(batches), sizes.BASELINE_CNN_IMAGES.pick(None, args.quick))
     cnn_inputs = np.resize(np.stack([f.cnn_input for f in features]), (cnn_count, *features[0].cnn_input.shape))
     best = max(in_process(model, cnn_inputs, batches, args.repeats), key=lambda run: run.images_per_s.median)
     costs["cnn"] = best.cpu_ms
-    labels = {"fetch": "fetch (file://)", "decode": f"decode (draft {draft[0]}, in process)",
-              "features": "features (MD5, PDQ, histogram, CNN input)",
-              "knn": f"kNN ({len(index):,} references, batches of {batch})", "cnn": f"CNN (batch {best.batch})"}
+    labels = {**stages.labels, "cnn": f"CNN (batch {best.batch})"}
     totals = [sum(samples) for samples in zip(*(cost.samples for cost in costs.values()), strict=True)]
     cores = usable_cpus()
     naive_events = workload.full_load[::max(1, len(workload.full_load) // sample_size)][:sample_size]

@@ -22,8 +22,11 @@ SUITES: dict[str, str] = {
     "classifier": "CNN images/s by batch size, in-process and through Ray Serve",
     "pipeline": "Kafka -> Ray -> Kafka against the embedded broker vs CNN ceiling, CPU limit, naive loop",
     "compression": "Kafka codecs on verdicts and dead letters: bytes on the wire, producer and consumer CPU",
+    "scaleout": "1 vs 2 ingest actors, a two-node Ray cluster's layout, CPU cores per GPU replica",
 }
-RAY_SUITES = ("classifier", "pipeline")
+RAY_SUITES = ("classifier", "pipeline")  # share one Ray, started for the first of them
+# Start Ray themselves (a two-node cluster cannot join the shared one): the shared one stops first.
+OWN_RAY_SUITES = ("scaleout",)
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -83,6 +86,13 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     compression = parser.add_argument_group("compression suite")
     compression.add_argument("--compression-records", type=int,
                              help=_defaults("records per workload and codec", sizes.COMPRESSION_RECORDS))
+    scaleout = parser.add_argument_group(
+        "scaleout suite", "also takes --image-size, --references and --naive-images (the CPU-cost sample) "
+                          "of the pipeline suite")
+    scaleout.add_argument("--scaleout-images", type=int, metavar="N", help=_defaults(
+        "unique images per run (1 and 2 ingest actors, two nodes)", sizes.SCALEOUT_IMAGES))
+    scaleout.add_argument("--gpu-rates", type=int, nargs="+", metavar="N", help=_defaults(
+        "CNN replica images/s to size the CPU side for", sizes.GPU_RATES))
     parser.set_defaults(handler=cmd_bench)
 
 
@@ -103,6 +113,9 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     ray_started = False
     with contextlib.ExitStack() as stack:
         for name in suites:
+            if name in OWN_RAY_SUITES and ray_started:
+                stack.close()
+                ray_started = False
             if name in RAY_SUITES and not ray_started:
                 from common.raysession import ray_session
 

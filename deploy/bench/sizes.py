@@ -37,3 +37,5 @@ PIPELINE_REFERENCES = Size(10_000, 1_000)
 BASELINE_SAMPLE = Size(100, 8)
 BASELINE_CNN_IMAGES = Size(128, 16)  # inputs per CNN measurement (the sample's, repeated)
 COMPRESSION_RECORDS = Size(20_000, 500)
+SCALEOUT_IMAGES = Size(400, 12)  # unique images per scaleout run (three runs)
+GPU_RATES = Size((500, 1000, 2000), (500, 1000, 2000))  # CNN replica images/s the sizing table assumes
