@@ -170,9 +170,10 @@ class ClassifierConfig(_Section):
     max_replicas: int = Field(4, ge=1)
     target_ongoing_requests: float | None = Field(None, gt=0)
     max_ongoing_requests: int | None = Field(None, ge=1)
-    # On CPU the CNN costs least per image at batch 8 (open_nsfw: 36 ms vs 43 at 32; docs/benchmarks.md);
-    # GPU replicas want 32-64.
-    max_batch_size: int = Field(8, ge=1)
+    max_batch_size: int = Field(32, ge=1)
+    # Images per model call within a Serve batch; None: 8 on CPU, where the CNN costs least per image
+    # there (open_nsfw 36 CPU ms vs 43 at 32; docs/benchmarks.md), the whole batch on a GPU.
+    model_batch_size: int | None = Field(None, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     num_cpus: float = Field(1.0, ge=0)

@@ -64,7 +64,9 @@ def in_process(model: CnnModel, images: np.ndarray, batches: tuple[int, ...], re
 
 
 def classifier_config(settings: Settings, batch: int, gpu: bool) -> ClassifierConfig:
-    return settings.classifier.model_copy(update={"max_batch_size": batch, "num_replicas": 1,
+    """One replica whose model runs each batch whole, as the in-process column does."""
+    return settings.classifier.model_copy(update={"max_batch_size": batch, "model_batch_size": batch,
+                                                  "num_replicas": 1,
                                                   "autoscaling": False, "num_gpus": 1.0 if gpu else 0.0})
 
 

@@ -78,7 +78,8 @@ ROLE_TITLES = (
     ("ray::ServeController", "Serve controller"),
 )
 DECODE_WORKERS = "decode workers (children of ingest)"
-RAY_DAEMONS = "Ray daemons (raylet, GCS, dashboard, agents, idle workers)"
+RAY_DAEMONS = "Ray daemons: dashboard, agents, monitors, idle workers"
+RAY_NODE_DAEMONS = {"raylet": "Ray daemons: raylet (scheduling, object store)", "gcs_server": "Ray daemons: GCS"}
 BROKER = "embedded broker"
 DRIVER = "bench driver (producer, verdict reader)"
 
@@ -94,7 +95,7 @@ def process_role(name: str, parent_name: str, is_driver: bool) -> str:
         return DECODE_WORKERS
     if name.startswith("tansu"):
         return BROKER
-    return RAY_DAEMONS
+    return RAY_NODE_DAEMONS.get(name, RAY_DAEMONS)
 
 
 class ProcessCpu:
