@@ -195,6 +195,18 @@ def test_serve_options_count_requests_that_each_carry_a_batch() -> None:
     assert 4 / options["autoscaling_config"]["target_ongoing_requests"] == 4
 
 
+def test_cpu_replicas_run_small_model_batches_on_their_own_cores() -> None:
+    from common.config import ClassifierConfig
+    from workers.classifier import CPU_MODEL_BATCH, classifier_options, model_threads
+
+    cpu, gpu = ClassifierConfig(), ClassifierConfig(num_gpus=1.0, max_batch_size=64)
+    assert classifier_options(cpu)["user_config"]["model_batch_size"] == CPU_MODEL_BATCH
+    assert classifier_options(gpu)["user_config"]["model_batch_size"] == 64  # a GPU takes the whole batch
+    assert classifier_options(ClassifierConfig(model_batch_size=4))["user_config"]["model_batch_size"] == 4
+    assert model_threads(cpu) == 1 and model_threads(ClassifierConfig(num_cpus=2)) == 2
+    assert model_threads(gpu) == 0  # TensorFlow's own default
+
+
 def test_run_flags_override_the_bundles_thresholds() -> None:
     from common.config import load_settings
     from deploy.cli import _flags, build_parser
