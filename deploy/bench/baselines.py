@@ -62,7 +62,9 @@ def measure_cpu_stages(settings: Settings, bundle: Bundle, uris: list[str], repe
     index.k = settings.pipeline.knn_k
     blobs = [fetch_bytes(uri, limits) for uri in uris]
     images = [decode_image(data, limits, draft_to=draft) for data in blobs]
-    features = [extract_features(data, image, image.size) for data, image in zip(blobs, images, strict=True)]
+    model_input = bundle.cnn.model_input  # the serving bundle's resize and crop, as ingest makes it
+    features = [extract_features(data, image, image.size, model_input)
+                for data, image in zip(blobs, images, strict=True)]
     histograms = np.stack([f.histogram for f in features])
     batch = settings.pipeline.poll_records
 
@@ -76,7 +78,8 @@ def measure_cpu_stages(settings: Settings, bundle: Bundle, uris: list[str], repe
         "fetch": cpu_ms(lambda: [fetch_bytes(uri, limits) for uri in uris]),
         "decode": cpu_ms(lambda: [decode_in_process(data, limits, draft_to=draft) for data in blobs]),
         "features": cpu_ms(
-            lambda: [extract_features(data, image, image.size) for data, image in zip(blobs, images, strict=True)]),
+            lambda: [extract_features(data, image, image.size, model_input)
+                     for data, image in zip(blobs, images, strict=True)]),
         "knn": cpu_ms(
             lambda: [index.probabilities(histograms[i:i + batch]) for i in range(0, len(histograms), batch)]),
     }
