@@ -39,8 +39,9 @@ from deploy.bench.workload import Workload, build_workload, bundle_with_referenc
 GOAL_CPU_LIMIT, GOAL_GPU_CEILING, GOAL_NAIVE, GOAL_DUPLICATES, GOAL_P99_MS = 0.85, 0.9, 3.0, 3.0, 500.0
 GOAL_OWN_CPU_MS = 2.0
 # The stage work each process role does for a unique image; the rest of its CPU is the pipeline's own.
+CNN_ROLE = "classifier replicas"
 STAGE_WORK = {"ingest actors": ("fetch", "features"), DECODE_WORKERS: ("decode",), "kNN replicas": ("knn",),
-              "classifier replicas": ("cnn",)}
+              CNN_ROLE: ("cnn",)}
 INGEST_THREADS = {
     "poll": "  ingest: poll thread (Kafka in: fetch, decompress, parse batches; commits)",
     "load": "  ingest: load threads (validate, fetch, features, decode requests)",
@@ -207,6 +208,10 @@ def _report(result: SuiteResult, phases: dict[str, Phase], memory: MemoryPeaks, 
     throughput.add(path=f"(a) CNN only, in-process, batch {baselines.best_batch}",
                    **{"images/s": baselines.cnn_ceiling})
     throughput.add(path=f"(b) CPU limit: {baselines.cores} cores / CPU per image", **{"images/s": baselines.cpu_limit})
+    limit, replica_ms = _cpu_limit(baselines, unique)
+    if limit is not None:
+        throughput.add(path=f"(b') CPU limit with the CNN as the replicas ran it ({replica_ms:.1f} ms per image)",
+                       **{"images/s": limit})
     throughput.add(path="(c) naive loop (full decode, brute-force kNN, CNN batch 1), workload mix",
                    events=baselines.naive_events, **{"images/s": baselines.naive})
 
@@ -245,6 +250,18 @@ def _report(result: SuiteResult, phases: dict[str, Phase], memory: MemoryPeaks, 
     ]
 
 
+def _cpu_limit(baselines: Baselines, unique: Phase) -> tuple[float | None, float]:
+    """The CPU limit again, with the CNN at what the replicas spent per unique image in the run when
+    that is less than this process's measure (they run it on one thread per call, this process on
+    TensorFlow's default pool), so the limit is never lowered by measuring the CNN the slow way.
+    None (and the replicas' figure) when the replicas spent more or were not measured."""
+    replica_ms = unique.cpu_by_role.get(CNN_ROLE, 0.0) * 1000 / unique.events if unique.events else 0.0
+    cnn_ms = baselines.costs["cnn"].median
+    if not 0 < replica_ms < cnn_ms:
+        return None, replica_ms
+    return baselines.cores * 1000 / (baselines.total_cost_ms.median - cnn_ms + replica_ms), replica_ms
+
+
 def _goals(unique: Phase, duplicates: Phase, mixed: Phase, baselines: Baselines, gpu: bool) -> list[Goal]:
     def ratio_goal(name: str, value: float, baseline: float, target: float, applies: bool = True,
                    note: str = "") -> Goal:
@@ -255,7 +272,8 @@ def _goals(unique: Phase, duplicates: Phase, mixed: Phase, baselines: Baselines,
     p99 = mixed.percentile(99)
     return [
         ratio_goal(f"unique throughput >= {GOAL_CPU_LIMIT} x CPU limit (CPU)", unique.images_per_s,
-                   baselines.cpu_limit.median, GOAL_CPU_LIMIT, not gpu, "the CNN runs on a GPU here" if gpu else ""),
+                   max(baselines.cpu_limit.median, _cpu_limit(baselines, unique)[0] or 0.0), GOAL_CPU_LIMIT,
+                   not gpu, "the CNN runs on a GPU here" if gpu else "the higher of (b) and (b')"),
         ratio_goal(f"unique throughput >= {GOAL_GPU_CEILING} x CNN-only ceiling (GPU)", unique.images_per_s,
                    baselines.cnn_ceiling.median, GOAL_GPU_CEILING, gpu, "" if gpu else "no GPU here"),
         ratio_goal(f"workload mix >= {GOAL_NAIVE:.0f} x naive loop", _mix_rate(unique, duplicates),
