@@ -27,13 +27,7 @@ from common.config import Settings
 from common.dedupstate import BankEntryValue, BankIndex
 from common.errors import ModstreamError
 from common.features import pdq_to_int
-from common.kafkaio import (
-    FOLLOWER_FETCH_MAX_WAIT_MS,
-    make_consumer,
-    make_producer,
-    publish_acknowledged,
-    read_from_beginning,
-)
+from common.kafkaio import make_consumer, make_producer, publish_acknowledged, read_from_beginning
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +223,7 @@ class _Reader:
         self.settings = settings
         self.topic = banks_topic(settings)
         self.consumer = make_consumer(settings, topics=None, group_id=None,
-                                      fetch_max_wait_ms=FOLLOWER_FETCH_MAX_WAIT_MS)
+                                      fetch_max_wait_ms=settings.kafka.follower_fetch_max_wait_ms)
         self.partitions = read_from_beginning(self.consumer, [self.topic])
 
     def until_marker(self, timeout_s: float) -> Iterator[tuple[str, bytes | None]]:

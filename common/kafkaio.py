@@ -75,12 +75,6 @@ def publish_acknowledged(settings: Settings, topic: str, records: Iterable[tuple
     return len(futures)
 
 
-# Consumers that follow a quiet topic in the background (hash banks, reviews). The embedded broker
-# holds an empty fetch for its whole wait, so the wait sets how often an idle consumer asks: at
-# the uploads' 50 ms, each cost a Ray actor 2-4% of a core (modstream bench pipeline).
-FOLLOWER_FETCH_MAX_WAIT_MS = 500
-
-
 def make_consumer(settings: Settings, topics: Iterable[str] | None, group_id: str | None,
                   **overrides: Any) -> KafkaConsumer:
     """A consumer with manual commits; subscribe to ``topics`` unless None (assign later)."""

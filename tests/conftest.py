@@ -45,7 +45,8 @@ def make_settings(broker: EmbeddedBroker, modstream_home: Path,
     def factory(**sections: dict) -> Settings:
         tag = uuid.uuid4().hex[:8]
         flags = {
-            "kafka": {"bootstrap": broker.bootstrap, "group_id": f"g-{tag}"},
+            # Followers fetch every 50 ms, not 500: tests wait on each review and bank marker.
+            "kafka": {"bootstrap": broker.bootstrap, "group_id": f"g-{tag}", "follower_fetch_max_wait_ms": 50},
             "topics": {"uploads": f"up-{tag}", "verdicts": f"ver-{tag}", "reviews": f"rev-{tag}",
                        "dlq": f"dlq-{tag}", "state_prefix": f"state-{tag}", "partitions": 2},
             "limits": {"file_roots": file_roots},

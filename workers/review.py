@@ -27,7 +27,7 @@ from common.changelog import Changelog
 from common.config import Settings
 from common.dedupstate import dequantise_histogram, shard_of
 from common.features import MIN_PDQ_QUALITY, md5_hex
-from common.kafkaio import FOLLOWER_FETCH_MAX_WAIT_MS, make_consumer, make_producer
+from common.kafkaio import make_consumer, make_producer
 from common.logend import log_end
 from common.messages import (
     DeadLetter,
@@ -305,7 +305,7 @@ class ReviewFeed:
     def _connect(self) -> Any:
         """Assign every partition at its group's committed offset (or the earliest)."""
         consumer = make_consumer(self.settings, topics=None, group_id=self.group_id,
-                                 fetch_max_wait_ms=FOLLOWER_FETCH_MAX_WAIT_MS)
+                                 fetch_max_wait_ms=self.settings.kafka.follower_fetch_max_wait_ms)
         try:
             partitions = read_partitions(consumer, self.topic)
             consumer.assign(partitions)
