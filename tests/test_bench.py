@@ -67,8 +67,8 @@ def test_scaleout_refuses_a_ray_it_did_not_start(monkeypatch: pytest.MonkeyPatch
 def test_scaleout_sizing_and_layout_goals() -> None:
     """The pure parts of the scaleout suite; the suite itself (three pipelines, a two-node cluster:
     minutes even at quick sizes) runs by hand: ``modstream bench scaleout --quick``."""
-    from deploy.bench.cluster import BROKER, DRIVER, RAY_DAEMONS
-    from deploy.bench.scaleout import CNN_ROLE, Placement, cores_needed, cpu_side_ms, layout_goals
+    from deploy.bench.cluster import BROKER, CNN_ROLE, DRIVER, RAY_DAEMONS
+    from deploy.bench.scaleout import Placement, cores_needed, cpu_side_ms, layout_goals
 
     cpu = {"ingest actors": 1.0, RAY_DAEMONS: 0.5, CNN_ROLE: 9.0, BROKER: 9.0, DRIVER: 9.0}
     assert cpu_side_ms(cpu, 100) == 15.0  # ms per image: the CNN, broker and bench driver left out

@@ -69,9 +69,11 @@ class MemorySampler:
 
 
 # Process roles of a local run, by the title Ray gives each worker process (ray::<actor class>).
+INGEST_ROLE = "ingest actors"
+CNN_ROLE = "classifier replicas"  # the CNN's processes (on a GPU node, not on the CPU side)
 ROLE_TITLES = (
-    ("ray::Ingest", "ingest actors"),
-    ("ray::ServeReplica", "classifier replicas"),
+    ("ray::Ingest", INGEST_ROLE),
+    ("ray::ServeReplica", CNN_ROLE),
     ("ray::DedupShard", "dedup shards (lookups, changelog)"),
     ("ray::KnnReplica", "kNN replicas"),
     ("ray::ReviewFeedback", "review feedback"),
@@ -82,6 +84,7 @@ RAY_DAEMONS = "Ray daemons: dashboard, agents, monitors, idle workers"
 RAY_NODE_DAEMONS = {"raylet": "Ray daemons: raylet (scheduling, object store)", "gcs_server": "Ray daemons: GCS"}
 BROKER = "embedded broker"
 DRIVER = "bench driver (producer, verdict reader)"
+OUTSIDE = (BROKER, DRIVER)  # processes of the bench, not of the pipeline
 
 
 def process_role(name: str, parent_name: str, is_driver: bool) -> str:

@@ -30,7 +30,16 @@ from common.raysession import ray_session
 from common.threadcpu import OTHER_THREADS
 from deploy.bench import sizes
 from deploy.bench.baselines import Baselines, measure_baselines
-from deploy.bench.cluster import BROKER, DECODE_WORKERS, DRIVER, MemoryPeaks, MemorySampler, ProcessCpu, gpu_names
+from deploy.bench.cluster import (
+    CNN_ROLE,
+    DECODE_WORKERS,
+    INGEST_ROLE,
+    OUTSIDE,
+    MemoryPeaks,
+    MemorySampler,
+    ProcessCpu,
+    gpu_names,
+)
 from deploy.bench.features import parse_size
 from deploy.bench.report import BenchError, Goal, SuiteResult, usable_cpus
 from deploy.bench.verdicts import VerdictCollector
@@ -39,8 +48,7 @@ from deploy.bench.workload import Workload, build_workload, bundle_with_referenc
 GOAL_CPU_LIMIT, GOAL_GPU_CEILING, GOAL_NAIVE, GOAL_DUPLICATES, GOAL_P99_MS = 0.85, 0.9, 3.0, 3.0, 500.0
 GOAL_OWN_CPU_MS = 2.0
 # The stage work each process role does for a unique image; the rest of its CPU is the pipeline's own.
-CNN_ROLE = "classifier replicas"
-STAGE_WORK = {"ingest actors": ("fetch", "features"), DECODE_WORKERS: ("decode",), "kNN replicas": ("knn",),
+STAGE_WORK = {INGEST_ROLE: ("fetch", "features"), DECODE_WORKERS: ("decode",), "kNN replicas": ("knn",),
               CNN_ROLE: ("cnn",)}
 INGEST_THREADS = {
     "poll": "  ingest: poll thread (Kafka in: fetch, decompress, parse batches; commits)",
@@ -89,10 +97,10 @@ def run(args: argparse.Namespace, settings: Settings) -> SuiteResult:
         "cores": usable_cpus(), "device": ", ".join(gpus) or "CPU", "repeats": args.repeats, "seed": args.seed})
     with tempfile.TemporaryDirectory(prefix="modstream-bench-") as tmp, kafka_for(settings) as settings:
         folder = Path(tmp)
-        bundle, histograms = _bundle(settings, folder / "bundle", references, args.seed)
+        bundle, histograms = bench_bundle(settings, folder / "bundle", references, args.seed)
         (folder / "images").mkdir()
         workload = build_workload(folder / "images", images, args.dup_ratio, size, args.seed)
-        run_settings = _bench_settings(settings, bundle, gpu=bool(gpus), images=folder / "images")
+        run_settings = bench_settings(settings, bundle, gpu=bool(gpus), images=folder / "images")
         with ray_session(run_settings.ray_address):
             phases, memory = _run_pipeline(run_settings, workload)
         baselines = measure_baselines(run_settings, bundle, workload, histograms, args)
@@ -100,14 +108,14 @@ def run(args: argparse.Namespace, settings: Settings) -> SuiteResult:
     return result
 
 
-def _bundle(settings: Settings, folder: Path, references: int, seed: int) -> tuple[Bundle, np.ndarray]:
+def bench_bundle(settings: Settings, folder: Path, references: int, seed: int) -> tuple[Bundle, np.ndarray]:
     base = resolve_bundle(settings.bundle)
     if references == 0:
         return base, np.empty((0, 0), np.float32)
     return bundle_with_references(base, folder, references, seed)
 
 
-def _bench_settings(settings: Settings, bundle: Bundle, gpu: bool, images: Path) -> Settings:
+def bench_settings(settings: Settings, bundle: Bundle, gpu: bool, images: Path) -> Settings:
     """Topics and group of this run only; the bench bundle; the CNN on the GPU if there is one; file://
     reads from the workload's images folder."""
     tag = uuid.uuid4().hex[:8]
@@ -131,11 +139,11 @@ def _run_pipeline(settings: Settings, workload: Workload) -> tuple[dict[str, Pha
     pipeline = Pipeline(settings, deploy_classifier=APP_NAME not in serve.status().applications).start()
     collector = VerdictCollector(settings)
     try:
-        _phase(settings, collector, workload.warmup)
+        run_phase(settings, collector, workload.warmup)
         with MemorySampler() as sampler:
-            unique = _phase(settings, collector, workload.unique, pipeline=pipeline)
-            duplicates = _phase(settings, collector, workload.duplicates, pipeline=pipeline)
-            mixed = _phase(settings, collector, workload.mixed, rate=_mix_rate(unique, duplicates) / 2)
+            unique = run_phase(settings, collector, workload.unique, pipeline=pipeline)
+            duplicates = run_phase(settings, collector, workload.duplicates, pipeline=pipeline)
+            mixed = run_phase(settings, collector, workload.mixed, rate=_mix_rate(unique, duplicates) / 2)
     finally:
         collector.close()
         pipeline.stop()
@@ -147,7 +155,7 @@ def _mix_rate(unique: Phase, duplicates: Phase) -> float:
     return (unique.events + duplicates.events) / (unique.seconds + duplicates.seconds)
 
 
-def _phase(settings: Settings, collector: VerdictCollector, events: list[UploadEvent],
+def run_phase(settings: Settings, collector: VerdictCollector, events: list[UploadEvent],
            rate: float | None = None, pipeline: Any = None) -> Phase:
     """Publish events and wait for their verdicts; with ``pipeline``, also account the CPU every
     process of the run spent meanwhile (by role, and by thread inside the ingest actors)."""
@@ -299,11 +307,11 @@ def _overhead_table(result: SuiteResult, unique: Phase, duplicates: Phase, basel
         return None if seconds is None or not phase.events else seconds * 1000 / phase.events
 
     roles = sorted(set(unique.cpu_by_role) | set(duplicates.cpu_by_role),
-                   key=lambda role: (role in (BROKER, DRIVER), -unique.cpu_by_role.get(role, 0.0)))
+                   key=lambda role: (role in OUTSIDE, -unique.cpu_by_role.get(role, 0.0)))
     own_total = 0.0
     for role in roles:
         spent = per_event(unique, unique.cpu_by_role.get(role, 0.0)) or 0.0
-        outside = role in (BROKER, DRIVER)
+        outside = role in OUTSIDE
         stage = sum(baselines.costs[name].median for name in STAGE_WORK.get(role, ()))
         own = None if outside else spent - stage
         # Below zero, the stage measured in this process costs more than the role spent on it (the
@@ -313,7 +321,7 @@ def _overhead_table(result: SuiteResult, unique: Phase, duplicates: Phase, basel
         table.add(process=role + (" (outside the pipeline)" if outside else ""), **{
             "unique: ms/image": spent, "stage work ms": stage or None, "own ms": own,
             "duplicates: ms/event": per_event(duplicates, duplicates.cpu_by_role.get(role))})
-        if role == "ingest actors":
+        if role == INGEST_ROLE:
             groups = [*INGEST_THREADS, *sorted((set(unique.ingest_threads) | set(duplicates.ingest_threads))
                                                - set(INGEST_THREADS))]
             for group in groups:

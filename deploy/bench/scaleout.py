@@ -33,9 +33,9 @@ from common.messages import UploadEvent
 from common.raysession import ray_session
 from deploy.bench import sizes
 from deploy.bench.baselines import CpuStages, measure_cpu_stages
-from deploy.bench.cluster import BROKER, DRIVER, gpu_names
+from deploy.bench.cluster import CNN_ROLE, OUTSIDE, gpu_names
 from deploy.bench.features import parse_size
-from deploy.bench.pipeline import Phase, _bench_settings, _bundle, _phase
+from deploy.bench.pipeline import Phase, bench_bundle, bench_settings, run_phase
 from deploy.bench.report import BenchError, Goal, SuiteResult, usable_cpus
 from deploy.bench.verdicts import VerdictCollector
 from deploy.bench.workload import WARMUP_IMAGES, WorkloadWriter
@@ -44,8 +44,6 @@ from deploy.bench.workload import WARMUP_IMAGES, WorkloadWriter
 # reserves a whole CPU, and SPREAD only places actors on nodes with some CPU left: with 1 per node the
 # replica's node takes nothing else.
 NODE_CPUS = 2
-CNN_ROLE = "classifier replicas"  # on a GPU node the CNN's process runs there, not on the CPU side
-OUTSIDE = (BROKER, DRIVER)  # processes of the bench, not of the pipeline
 PARTITIONS_WAIT_S = 120.0
 
 
@@ -94,7 +92,7 @@ def run(args: argparse.Namespace, settings: Settings) -> SuiteResult:
         "device": ", ".join(gpus) or "CPU", "repeats": args.repeats, "seed": args.seed})
     with tempfile.TemporaryDirectory(prefix="modstream-bench-") as tmp, kafka_for(settings) as settings:
         folder = Path(tmp)
-        bundle, _ = _bundle(settings, folder / "bundle", references, args.seed)
+        bundle, _ = bench_bundle(settings, folder / "bundle", references, args.seed)
         (folder / "images").mkdir()
         writer = WorkloadWriter(folder / "images", size, args.seed)
         warmup = [writer.unique(f"w{i:05d}") for i in range(WARMUP_IMAGES)]
@@ -102,7 +100,7 @@ def run(args: argparse.Namespace, settings: Settings) -> SuiteResult:
 
         def fresh(ingest_actors: int) -> Settings:
             """Fresh topics and group, so every run starts with empty dedup state on the same images."""
-            run_settings = _bench_settings(settings, bundle, gpu=bool(gpus), images=folder / "images")
+            run_settings = bench_settings(settings, bundle, gpu=bool(gpus), images=folder / "images")
             return run_settings.model_copy(update={"pipeline": run_settings.pipeline.model_copy(
                 update={"ingest_actors": ingest_actors, "dedup_shards": 2})})
 
@@ -153,9 +151,9 @@ def _measure(settings: Settings, label: str, warmup: list[UploadEvent], events: 
     collector = VerdictCollector(settings)
     try:
         _wait_for_partitions(pipeline, settings.topics.partitions)
-        _phase(settings, collector, warmup)
+        run_phase(settings, collector, warmup)
         before = _consumed(pipeline)
-        phase = _phase(settings, collector, events, pipeline=pipeline)
+        phase = run_phase(settings, collector, events, pipeline=pipeline)
         after = _consumed(pipeline)
         placements = _placements(cluster) if cluster else []
     finally:
