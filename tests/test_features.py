@@ -28,6 +28,7 @@ from common.features import (
     hamming,
     md5_hex,
     pdq_hex,
+    pdq_square,
     pdq_to_int,
     phash_hex,
 )
@@ -261,7 +262,7 @@ def test_extract_features_matches_the_single_functions(photos: dict[str, Image.I
     features = extract_features(data, decoded, original_size=(1280, 854))
     assert features.md5 == md5_hex(data)
     assert (features.pdq, features.pdq_quality) == pdq_hex(decoded)
-    assert features.phash == phash_hex(decoded)
+    assert features.phash == phash_hex(pdq_square(decoded))
     np.testing.assert_array_equal(features.histogram, color_histogram(decoded))
     np.testing.assert_array_equal(features.cnn_input, cnn_input(decoded))
     assert (features.width, features.height) == (1280, 854)
