@@ -121,7 +121,10 @@ def test_quick_ray_suites(ray_cluster, broker, tmp_path: Path, capsys: pytest.Ca
     processes = dict(zip(_column(by_process, "process"), _column(by_process, "unique: ms/image"), strict=True))
     assert processes["ingest actors"] > 0 and processes["classifier replicas"] > 0  # the run's own processes
     assert processes["  ingest: load threads (validate, fetch, features, decode requests)"] > 0
-    assert _column(by_process, "process")[-1] == "pipeline total (own)"
+    assert _column(by_process, "process")[-2:] == ["pipeline total (own)",
+                                                   "  of it, the idle rate over the unique phase"]
+    idle = dict(zip(_column(by_process, "process"), _column(by_process, "idle: % of a core"), strict=True))
+    assert idle["ingest actors"] > 0 and idle["pipeline total (own)"] >= idle["ingest actors"]
     assert len(pipeline["goals"]) == 6
 
 

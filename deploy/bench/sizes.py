@@ -34,6 +34,7 @@ CLASSIFIER_IMAGES = Size(256, 32)
 PIPELINE_IMAGES = Size(1000, 24)
 PIPELINE_IMAGE_SIZE = Size("1024x768", "320x240")
 PIPELINE_REFERENCES = Size(10_000, 1_000)
+PIPELINE_IDLE_S = Size(10.0, 1.0)  # seconds of the started pipeline doing nothing, for its idle CPU
 BASELINE_SAMPLE = Size(100, 8)
 BASELINE_CNN_IMAGES = Size(128, 16)  # inputs per CNN measurement (the sample's, repeated)
 COMPRESSION_RECORDS = Size(20_000, 500)
