@@ -140,6 +140,9 @@ class PipelineConfig(_Section):
     knn_k: int = Field(10, ge=1)
     knn_ef: int = Field(100, ge=1)
     draft_size: int = Field(256, ge=32)
+    # Features (hashes, histogram, size) of the images each ingest actor loaded lately, by MD5, so
+    # an exact copy is not decoded again (common/knownfeatures.py); ~2 KB each, 0: off.
+    known_features: int = Field(20_000, ge=0)
     # How often a failing batch step (dedup lookup, model call, publishing) is tried before the
     # batch is split to find the record to blame; a dependency that is down is waited for instead.
     batch_attempts: int = Field(3, ge=1)

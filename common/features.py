@@ -211,13 +211,15 @@ class ImageFeatures:
 
 
 def extract_features(data: bytes, img: Image.Image, original_size: tuple[int, int],
-                     model_input: Callable[[Image.Image], np.ndarray] = cnn_input) -> ImageFeatures:
+                     model_input: Callable[[Image.Image], np.ndarray] = cnn_input,
+                     md5: str | None = None) -> ImageFeatures:
     """Compute all features of one upload.
 
     `img` is the decoded (possibly draft-reduced) RGB image; `original_size` is
     the (width, height) of the full image, which a draft decode no longer has.
     `model_input` makes the CNN's uint8 input the way the serving bundle wants it
-    (its resize and crop), so the image is resized for the model only once."""
+    (its resize and crop), so the image is resized for the model only once. `md5`: the
+    bytes' MD5 when the caller already has it."""
     square = pdq_square(img)
     variants, quality = _pdq_of_square(square, img.size)
     histogram = color_histogram(img)
@@ -226,7 +228,7 @@ def extract_features(data: bytes, img: Image.Image, original_size: tuple[int, in
     tensor.setflags(write=False)
     width, height = original_size
     return ImageFeatures(
-        md5=md5_hex(data),
+        md5=md5 or md5_hex(data),
         pdq=pdq_hex_of_int(variants[0]),
         pdq_quality=quality,
         pdq_variants=tuple(variants),

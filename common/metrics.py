@@ -34,6 +34,8 @@ UNDECODABLE_BATCHES = Counter("modstream_undecodable_batches",
                               "Record batches the Kafka client could not decode (skipped and dead-lettered).",
                               ["topic"])
 DEDUP_LOOKUPS = Counter("modstream_dedup_lookups", "Dedup lookups by outcome.", ["result"])
+DECODES_SKIPPED = Counter("modstream_decodes_skipped",
+                          "Images whose bytes an ingest actor had loaded lately: features reused, no decode.")
 REVIEWS_APPLIED = Counter("modstream_reviews_applied", "Human review decisions applied.", ["label"])
 STAGE_LATENCY = Histogram("modstream_stage_latency_seconds",
                           "Time per stage: per image for fetch/decode/hash/classifier_queue/end_to_end, "

@@ -84,6 +84,7 @@ def test_end_to_end_sources_matches_and_dead_letters(start_pipeline, tmp_path) -
     assert verdicts["resized-copy"].signals.cnn is None  # never reached the CNN
     assert verdicts["exact-copy"].action == verdicts[originals[0].stem].action
     assert (verdicts["twin"].source, verdicts["twin"].matched_image_id) == ("exact_duplicate", fresh.stem)
+    assert pipeline.stats()["decodes_skipped"] >= 1  # the exact copy: its bytes were loaded before
 
     reasons = {d.event_id: d.reason for d in outputs.dead_letters}
     assert reasons[bad[0].event_id] == "decode_failed"

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from common.dedupstate import Entry, Match
 from common.fetch import LoadLimits
 from common.fusion import Thresholds
+from common.knownfeatures import KnownFeatures, has_model_input
 from common.messages import DeadLetter
 from workers.scorer import (
     Item,
@@ -26,6 +28,7 @@ from workers.scorer import (
     Scorer,
     Stopping,
     Unavailable,
+    image_features,
     load_record,
 )
 
@@ -60,10 +63,10 @@ def image_bytes(seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def item(seed: int, image_id: str | None = None, timestamp: int = 1_000) -> Item:
+def item(seed: int, image_id: str | None = None, timestamp: int = 1_000, known: KnownFeatures | None = None) -> Item:
     data = base64.b64encode(image_bytes(seed)).decode()
     loaded = load_record(Record(event(image_id or f"img-{seed}", data_b64=data), timestamp=timestamp), LIMITS, DRAFT,
-                         model_input)
+                         model_input, known)
     assert isinstance(loaded, Item), loaded
     return loaded
 
@@ -83,6 +86,9 @@ class Fakes:
         self.review_waits: list[int] = []
         self.dedup_failures: list[Exception] = []
         self.poison: str | None = None
+        self.matches: dict[str, Match] = {}  # by md5
+        self.features_of_calls = 0
+        self.features_of_failure: Exception | None = None
 
     def dedup(self, queries: list) -> list:
         self.dedup_calls.append(queries)
@@ -90,7 +96,7 @@ class Fakes:
             raise self.dedup_failures.pop(0)
         if self.poison and any(query[3] == self.poison for query in queries):
             raise ValueError(f"shard cannot store {self.poison}")
-        return [None] * len(queries)
+        return [self.matches.get(query[0]) for query in queries]
 
     def knn(self, histograms: list) -> object:
         return lambda: [0.5] * len(histograms)
@@ -103,9 +109,15 @@ class Fakes:
         self.review_waits.append(until_ms)
         return True
 
+    def features_of(self, data: bytes) -> object:
+        self.features_of_calls += 1
+        if self.features_of_failure is not None:
+            raise self.features_of_failure
+        return image_features(data, LIMITS, DRAFT, model_input)
+
     def scorer(self, classify=None, should_stop=lambda: False) -> Scorer:
         lookups = Lookups(dedup=self.dedup, knn=self.knn, classify=classify or self.classify,
-                          wait_for_reviews=self.wait_for_reviews)
+                          wait_for_reviews=self.wait_for_reviews, features_of=self.features_of)
         return Scorer(lookups, "bundle-1", pdq_max_distance=31, attempts=3, should_stop=should_stop,
                       sleep=lambda s: None)
 
@@ -133,6 +145,43 @@ def test_copies_inside_a_batch_reach_the_model_once() -> None:
     outcomes = fakes.scorer().score([item(1), item(1, image_id="copy")])
     assert [o.verdict.source for o in outcomes] == ["model", "exact_duplicate"]
     assert outcomes[1].verdict.matched_image_id == "img-1" and fakes.classified == 1
+
+
+def test_bytes_loaded_before_keep_their_features_and_skip_the_decode(monkeypatch) -> None:
+    known = KnownFeatures(10)
+    first = item(1, known=known)
+    monkeypatch.setattr("workers.scorer.decode_image", lambda *args, **kwargs: pytest.fail("decoded again"))
+    copy = item(1, image_id="copy", known=known)
+    assert known.hits == 1 and copy.data == image_bytes(1) and first.data is None
+    assert has_model_input(first.features) and not has_model_input(copy.features)
+    for name in ("md5", "pdq", "pdq_quality", "pdq_variants", "phash", "width", "height"):
+        assert getattr(copy.features, name) == getattr(first.features, name), name
+    np.testing.assert_array_equal(copy.features.histogram, first.features.histogram)
+
+
+def test_a_known_copy_matched_in_dedup_is_never_decoded() -> None:
+    known, fakes = KnownFeatures(10), Fakes()
+    original = item(1, known=known)
+    entry = Entry(md5=original.features.md5, pdq=original.features.pdq, pdq_quality=100, image_id="img-1",
+                  event_key=1, action="block", label="adult", score=0.97)
+    fakes.matches[original.features.md5] = Match("exact", entry, 0)
+    outcomes = fakes.scorer().score([item(1, image_id="copy", known=known)])
+    assert [(o.verdict.source, o.verdict.action) for o in outcomes] == [("exact_duplicate", "block")]
+    assert outcomes[0].verdict.hashes.md5 == original.features.md5
+    assert fakes.features_of_calls == 0 and fakes.classified == 0
+
+
+def test_a_known_copy_whose_original_is_gone_from_dedup_is_decoded_again_for_the_model() -> None:
+    known, fakes = KnownFeatures(10), Fakes()
+    item(1, known=known)
+    item(2, known=known)
+    outcomes = fakes.scorer().score([item(1, image_id="a", known=known), item(3), item(1, image_id="b", known=known)])
+    assert [o.verdict.source for o in outcomes] == ["model", "model", "exact_duplicate"]
+    assert fakes.features_of_calls == 1 and fakes.classified == 2  # the leader only; its twin follows it
+    fakes.features_of_failure = RuntimeError("decoder gone")
+    outcomes = fakes.scorer().score([item(2, image_id="c", known=known), item(4)])
+    assert reasons(outcomes) == ["processing_failed", "allow"]
+    assert outcomes[0].detail == "RuntimeError: decoder gone"
 
 
 def test_a_nan_fusion_score_is_a_dead_letter_not_an_allow() -> None:

@@ -42,8 +42,10 @@ from common.config import Settings
 from common.decisions import entry_for
 from common.dedupstate import ImageRecord, quantise_histogram, shard_of
 from common.errors import ModstreamError
+from common.features import ImageFeatures
 from common.fusion import FusionTree, Thresholds, applied_thresholds
 from common.kafkaio import make_producer
+from common.knownfeatures import KnownFeatures
 from common.messages import DeadLetter
 from common.threadcpu import cpu_by_thread
 from workers.classifier import DEPLOYMENT_NAME
@@ -59,6 +61,7 @@ from workers.scorer import (
     Stopping,
     Unavailable,
     describe,
+    image_features,
     load_record,
 )
 from workers.sink import Batch, BatchState, VerdictSink
@@ -109,6 +112,7 @@ class IngestWorker:
         pipeline = settings.pipeline
         self.limits = settings.load_limits()
         self.draft = (pipeline.draft_size, pipeline.draft_size)
+        self.known = KnownFeatures(pipeline.known_features)
         self.batches: queue.Queue[Batch | None] = queue.Queue(maxsize=pipeline.max_inflight_batches)
         self.stopping = threading.Event()
         self._outstanding = 0  # batches polled and not yet settled (queued, being scored or settling)
@@ -124,7 +128,7 @@ class IngestWorker:
         self.classifier.remote(np.zeros((1, size, size, 3), np.uint8)).result(timeout_s=300)  # warm the route
         self.scorer = Scorer(
             Lookups(dedup=self._lookup, knn=self._knn, classify=self._classify,
-                    wait_for_reviews=self._wait_for_reviews),
+                    wait_for_reviews=self._wait_for_reviews, features_of=self._features_of),
             bundle.id, pipeline.pdq_max_distance, pipeline.pdq_dihedral, attempts=pipeline.batch_attempts,
             should_stop=self.stopping.is_set)
         self.sink = VerdictSink(self.producer, settings.topics.verdicts, settings.topics.dlq,
@@ -161,6 +165,7 @@ class IngestWorker:
         partitions = len(self.source.ledger.owned()) if self.source is not None else 0
         return {"worker": self.worker_index, "pid": os.getpid(), **self.counts, "idle": idle, "partitions": partitions,
                 "inflight_batches": self.batches.qsize(), "idle_for_s": time.monotonic() - self.last_activity,
+                "decodes_skipped": self.known.hits,
                 "cpu_by_thread": cpu_by_thread()}
 
     def _supervised(self, loop: Callable[[], None]) -> None:
@@ -241,8 +246,8 @@ class IngestWorker:
         items: list[Item] = []
         dead_letters = [undecodable_dead_letter(skipped) for skipped in polled.undecodable]
         model_input = self.cnn_spec.model_input
-        for outcome in self.loaders.map(lambda record: load_record(record, self.limits, self.draft, model_input),
-                                        records):
+        for outcome in self.loaders.map(
+                lambda record: load_record(record, self.limits, self.draft, model_input, self.known), records):
             if isinstance(outcome, DeadLetter):
                 dead_letters.append(outcome)
             else:
@@ -354,6 +359,9 @@ class IngestWorker:
         self._review_lagging = True
         metrics.REVIEW_SYNC_TIMEOUTS.inc()
         return False
+
+    def _features_of(self, data: bytes) -> ImageFeatures:
+        return image_features(data, self.limits, self.draft, self.cnn_spec.model_input)
 
     def _lookup(self, queries: list) -> list:
         with _unavailable_on_ray_failure("dedup lookup"):

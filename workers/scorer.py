@@ -2,8 +2,9 @@
 
 Two halves, both pure logic over what they are given:
 
-- ``load_record`` validates, fetches, decodes and hashes one record. It never
-  raises: whatever goes wrong becomes a dead letter for that record.
+- ``load_record`` validates, fetches, decodes and hashes one record (bytes it
+  has seen lately keep their features: common.knownfeatures). It never raises:
+  whatever goes wrong becomes a dead letter for that record.
 - ``Scorer`` turns a batch of loaded items into outcomes (a verdict or a dead
   letter each) through injected lookups: review sync, dedup, kNN and CNN.
   A step that fails for the whole batch is tried ``attempts`` times, then the
@@ -36,9 +37,10 @@ from common.decisions import (
 from common.decode import decode_image
 from common.dedupstate import Match
 from common.errors import ModstreamError
-from common.features import ImageFeatures, extract_features
+from common.features import ImageFeatures, extract_features, md5_hex
 from common.fetch import LoadLimits, fetch_bytes
 from common.fusion import FusionTree, Thresholds
+from common.knownfeatures import KnownFeatures, has_model_input
 from common.loaderrors import LoadError
 from common.messages import (
     DeadLetter,
@@ -85,6 +87,7 @@ class Item:
     features: ImageFeatures
     timestamp_ms: int
     raw: bytes  # the record value, for a dead letter if scoring it fails
+    data: bytes | None = None  # the image, kept while its features lack the model input (from KnownFeatures)
 
 
 @dataclass(frozen=True)
@@ -129,19 +132,22 @@ def _record_event_id(record: RecordLike) -> str:
 ModelInput = Callable[[Any], np.ndarray]  # a decoded PIL image to the CNN's uint8 input
 
 
-def load_record(record: RecordLike, limits: LoadLimits, draft: tuple[int, int], model_input: ModelInput
-                ) -> Item | DeadLetter:
-    """Validate and load one record; any failure is a dead letter for it, never an exception."""
+def load_record(record: RecordLike, limits: LoadLimits, draft: tuple[int, int], model_input: ModelInput,
+                known: KnownFeatures | None = None) -> Item | DeadLetter:
+    """Validate and load one record; any failure is a dead letter for it, never an exception.
+
+    With ``known``, bytes loaded before are not decoded again: the item gets their features
+    without the model input, and keeps the bytes in case it must go to the model after all."""
     try:
-        return _load(record, limits, draft, model_input)
+        return _load(record, limits, draft, model_input, known)
     except Exception as exc:
         log.warning("processing %s[%d]@%d failed: %s", record.topic, record.partition, record.offset,
                     describe(exc))
         return dead_letter(record, "processing_failed", describe(exc))
 
 
-def _load(record: RecordLike, limits: LoadLimits, draft: tuple[int, int], model_input: ModelInput
-          ) -> Item | DeadLetter:
+def _load(record: RecordLike, limits: LoadLimits, draft: tuple[int, int], model_input: ModelInput,
+          known: KnownFeatures | None) -> Item | DeadLetter:
     raw = record.value
     try:
         event = parse_upload_event(raw if raw is not None else b"")
@@ -153,18 +159,31 @@ def _load(record: RecordLike, limits: LoadLimits, draft: tuple[int, int], model_
         if data is None:
             data = fetch_bytes(event.uri, limits)
             metrics.STAGE_LATENCY.labels(stage="fetch").observe(time.perf_counter() - started)
-        started = time.perf_counter()
-        image = decode_image(data, limits, draft_to=draft)
-        decoded = time.perf_counter()
-        features = extract_features(data, image, image.size, model_input)
-        metrics.STAGE_LATENCY.labels(stage="decode").observe(decoded - started)
-        metrics.STAGE_LATENCY.labels(stage="hash").observe(time.perf_counter() - decoded)
+        md5 = md5_hex(data)
+        seen = known.get(md5) if known is not None else None
+        if seen is not None:
+            return Item(event, seen, record.timestamp, bytes(raw or b""), data)
+        features = image_features(data, limits, draft, model_input, md5)
+        if known is not None:
+            known.put(features)
     except LoadError as exc:
         return dead_letter(record, exc.reason, exc.detail, event.event_id)
     except Exception as exc:
         log.warning("processing event %s failed: %s", event.event_id, describe(exc))
         return dead_letter(record, "processing_failed", describe(exc), event.event_id)
     return Item(event, features, record.timestamp, bytes(raw or b""))
+
+
+def image_features(data: bytes, limits: LoadLimits, draft: tuple[int, int], model_input: ModelInput,
+                   md5: str | None = None) -> ImageFeatures:
+    """Decode (in a budgeted worker) and compute every feature; a bad image raises LoadError."""
+    started = time.perf_counter()
+    image = decode_image(data, limits, draft_to=draft)
+    decoded = time.perf_counter()
+    features = extract_features(data, image, image.size, model_input, md5)
+    metrics.STAGE_LATENCY.labels(stage="decode").observe(decoded - started)
+    metrics.STAGE_LATENCY.labels(stage="hash").observe(time.perf_counter() - decoded)
+    return features
 
 
 def processing_failed(item: Item, exc: BaseException) -> DeadLetter:
@@ -187,13 +206,15 @@ class Lookups:
     """What scoring asks of the rest of the pipeline (Ray actors in production, fakes in tests).
 
     ``knn`` starts a query and returns a function that waits for its answer,
-    so the kNN vote and the CNN run at the same time.
+    so the kNN vote and the CNN run at the same time. ``features_of`` decodes and hashes an
+    image again, for an exact copy loaded from KnownFeatures that must go to the model after all.
     """
 
     dedup: Callable[[list[Query]], list[Match | None]]
     knn: Callable[[list[np.ndarray]], Callable[[], list[float | None]]]
     classify: Callable[[list[np.ndarray]], list[ModelScore]]
     wait_for_reviews: Callable[[int], bool]
+    features_of: Callable[[bytes], ImageFeatures]
 
 
 class FiniteFusion:
@@ -309,6 +330,7 @@ class Scorer:
         for copy in copies.values():  # found inside this batch, before dedup state knew the original
             metrics.DEDUP_LOOKUPS.labels(result="exact" if copy.exact else "near").inc()
         metrics.DEDUP_LOOKUPS.labels(result="miss").inc(len(leaders))
+        leaders = self._with_model_input(items, features, leaders, decisions)
         signals = self._model_signals([features[i] for i in leaders])
         started = time.perf_counter()
         for i, (knn, cnn) in zip(leaders, signals, strict=True):
@@ -324,6 +346,24 @@ class Scorer:
             else:  # the original failed, and its copy would get the same verdict
                 decisions[unmatched[position]] = leader_decision
         return [decision if decision is not None else ValueError("no decision") for decision in decisions]
+
+    def _with_model_input(self, items: list[Item], features: list[ImageFeatures], leaders: list[int],
+                          decisions: list[Decision | Exception | None]) -> list[int]:
+        """The leaders, each with its model input: one loaded from KnownFeatures (its original's
+        verdict is gone from dedup state) is decoded again, and one that fails is its record's failure."""
+        ready = []
+        for i in leaders:
+            if not has_model_input(features[i]):
+                data = items[i].data
+                try:
+                    if data is None:
+                        raise ValueError("features without a model input and no image to make it from")
+                    features[i] = self.lookups.features_of(data)
+                except Exception as exc:
+                    decisions[i] = exc
+                    continue
+            ready.append(i)
+        return ready
 
     def _model_signals(self, features: list[ImageFeatures]) -> list[tuple[float | None, ModelScore]]:
         if not features:
