@@ -104,7 +104,9 @@ def test_quick_in_process_suites(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 @pytest.mark.integration
 def test_quick_ray_suites(ray_cluster, broker, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    document, printed = _run(["classifier", "pipeline", "--bootstrap", broker.bootstrap], tmp_path, capsys)
+    # The configured bundle only: a second bundle adds ~25 s and no other shape.
+    document, printed = _run(["classifier", "pipeline", "--classifier-bundles", "configured", "--bootstrap",
+                              broker.bootstrap], tmp_path, capsys)
     for suite in document["suites"]:
         _check_shape(suite, printed)
     classifier = _suite(document, "classifier")["tables"][0]
