@@ -207,6 +207,17 @@ def test_cpu_replicas_run_small_model_batches_on_their_own_cores() -> None:
     assert model_threads(gpu) == 0  # TensorFlow's own default
 
 
+def test_a_cpu_replica_splits_a_small_batch_between_its_model_threads() -> None:
+    from workers.classifier import MAX_CONCURRENT_BATCHES, model_call_size
+
+    assert MAX_CONCURRENT_BATCHES == 2
+    assert model_call_size(32, 8, split_small_batches=True) == 8  # a backlog's full batch: as configured
+    assert model_call_size(8, 8, split_small_batches=True) == 4  # alone: both threads work
+    assert [model_call_size(n, 8, True) for n in (1, 2, 3, 5)] == [1, 1, 2, 3]
+    assert model_call_size(8, 64, split_small_batches=False) == 64  # a GPU takes the whole batch
+    assert model_call_size(5, None, split_small_batches=False) == 5
+
+
 def test_run_flags_override_the_bundles_thresholds() -> None:
     from common.config import load_settings
     from deploy.cli import _flags, build_parser

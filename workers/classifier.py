@@ -19,7 +19,11 @@ ongoing requests per replica: one full model batch each. With the defaults
 for four replicas; a target of 32 or 64 images would never be reached.
 Within a batch the model runs ``model_batch_size`` images at a time: on CPU
 the CNN is cheapest per image at 8 (open_nsfw: 36 CPU ms per image against 43
-at 32), while Serve is cheapest per image with few, large requests.
+at 32), while Serve is cheapest per image with few, large requests. The model
+calls of every batch share MAX_CONCURRENT_BATCHES threads, and on CPU a batch
+too small to fill them is split between them: one batch alone (a quiet stream)
+runs on both cores instead of one image after another on one, and full batches
+(a backlog) are cut and run exactly as before.
 These functions are the only source of the Classifier's options: the Helm
 chart passes ``config.classifier`` through the config file and sets none of
 them itself.
@@ -32,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +80,8 @@ class Classifier:
         self.model = CnnModel(self.bundle.cnn)
         self.model.predict(np.zeros((1, self.model.spec.input_size, self.model.spec.input_size, 3), np.uint8))
         self.model_batch: int | None = None  # None: the whole Serve batch in one call
+        self.model_calls = ThreadPoolExecutor(MAX_CONCURRENT_BATCHES, thread_name_prefix="model")
+        self.split_small_batches = model_threads > 0  # CPU: one TensorFlow thread per call
         metrics.BUNDLE_INFO.labels(bundle_id=self.bundle.id).set(1)
         metrics.CLASSIFIER_REPLICAS.set(1)
 
@@ -95,7 +102,7 @@ class Classifier:
         batch = np.concatenate([images for images, _ in requests])
         metrics.CLASSIFIER_BATCH_SIZE.observe(len(batch))
         try:
-            scores = await asyncio.get_running_loop().run_in_executor(None, self._predict, batch)
+            scores = await self._predict(batch)
             if len(scores) != len(batch):
                 raise CnnError(f"model returned {len(scores)} scores for {len(batch)} images")
         except Exception:
@@ -105,10 +112,14 @@ class Classifier:
         ends = np.cumsum([len(images) for images, _ in requests])
         return [[float(s) for s in part] for part in np.split(scores, ends[:-1])]
 
-    def _predict(self, images: np.ndarray) -> np.ndarray:
-        step = self.model_batch or len(images)
-        return np.concatenate([self.model.predict(images[start:start + step])
-                               for start in range(0, len(images), step)])
+    async def _predict(self, images: np.ndarray) -> np.ndarray:
+        """The batch's model calls on the replica's model threads, in order of the images."""
+        step = model_call_size(len(images), self.model_batch, self.split_small_batches)
+        loop = asyncio.get_running_loop()
+        parts = await asyncio.gather(*(loop.run_in_executor(self.model_calls, self.model.predict,
+                                                            images[start:start + step])
+                                       for start in range(0, len(images), step)))
+        return np.concatenate(parts)
 
     async def __call__(self, images: np.ndarray) -> Scored:
         """Score ``(n, size, size, 3)`` uint8 images; one request per caller batch keeps
@@ -118,6 +129,14 @@ class Classifier:
 
     def bundle_id(self) -> str:
         return self.bundle.id
+
+
+def model_call_size(images: int, model_batch: int | None, split_small_batches: bool) -> int:
+    """Images per model call: the model batch, or, on CPU, less when that leaves a model thread idle."""
+    step = model_batch or images
+    if split_small_batches:
+        step = min(step, math.ceil(images / MAX_CONCURRENT_BATCHES))
+    return max(1, step)
 
 
 def requests_per_batch(config: ClassifierConfig, poll_records: int | None = None) -> int:
