@@ -130,6 +130,17 @@ def test_quick_ray_suites(ray_cluster, broker, tmp_path: Path, capsys: pytest.Ca
     assert len(pipeline["goals"]) == 6
 
 
+def test_quick_kafkaclients_suite(broker, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Both clients (confluent-kafka comes with the dev extra) idle, produce and read everything back."""
+    document, printed = _run(["kafkaclients", "--bootstrap", broker.bootstrap], tmp_path, capsys)
+    suite = _suite(document, "kafkaclients")
+    _check_shape(suite, printed)
+    idle, traffic = suite["tables"]
+    assert _column(idle, "client") == _column(traffic, "client") == ["kafka-python", "confluent-kafka (librdkafka)"]
+    assert all(cell["median"] > 0 for cell in _column(traffic, "total"))
+    assert _column(traffic, "total vs kafka-python")[0]["median"] == 1.0
+
+
 def test_quick_compression_suite(broker, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Every codec round-trips through the broker; the byte counts (exact, not timings) shrink."""
     document, printed = _run(["compression", "--bootstrap", broker.bootstrap], tmp_path, capsys)

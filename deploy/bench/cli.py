@@ -22,6 +22,7 @@ SUITES: dict[str, str] = {
     "classifier": "CNN images/s by batch size, in-process and through Ray Serve",
     "pipeline": "Kafka -> Ray -> Kafka against the embedded broker vs CNN ceiling, CPU limit, naive loop",
     "compression": "Kafka codecs on verdicts and dead letters: bytes on the wire, producer and consumer CPU",
+    "kafkaclients": "kafka-python beside confluent-kafka (librdkafka): idle consumer, produce and consume CPU",
     "scaleout": "1 vs 2 ingest actors, a two-node Ray cluster's layout, CPU cores per GPU replica",
 }
 RAY_SUITES = ("classifier", "pipeline")  # share one Ray, started for the first of them
@@ -86,6 +87,9 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     compression = parser.add_argument_group("compression suite")
     compression.add_argument("--compression-records", type=int,
                              help=_defaults("records per workload and codec", sizes.COMPRESSION_RECORDS))
+    clients = parser.add_argument_group("kafkaclients suite")
+    clients.add_argument("--kafka-records", type=int,
+                         help=_defaults("records produced and consumed per client", sizes.KAFKA_CLIENT_RECORDS))
     scaleout = parser.add_argument_group(
         "scaleout suite", "also takes --image-size, --references and --naive-images (the CPU-cost sample) "
                           "of the pipeline suite")

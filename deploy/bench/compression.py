@@ -49,7 +49,7 @@ def run(args: argparse.Namespace, settings: Settings) -> SuiteResult:
     partitions = settings.topics.partitions
     rng = random.Random(args.seed)
     workloads: dict[str, list[tuple[bytes, bytes]]] = {
-        "verdicts": [_verdict(rng) for _ in range(count)],
+        "verdicts": [verdict_record(rng) for _ in range(count)],
         "dead letters": [_dead_letter(rng) for _ in range(count)],
     }
     result = SuiteResult("compression", params={
@@ -182,7 +182,7 @@ def _timestamp(rng: random.Random) -> str:
         f".{rng.randrange(1000):03d}Z"
 
 
-def _verdict(rng: random.Random) -> tuple[bytes, bytes]:
+def verdict_record(rng: random.Random) -> tuple[bytes, bytes]:
     """A verdict shaped like the contract: ids and hashes random, the rest drawn from few values."""
     image_id = f"img-{rng.randrange(10**9)}"
     source = rng.choices(("model", "exact_duplicate", "near_duplicate", "review_cache"), (70, 15, 10, 5))[0]
