@@ -38,13 +38,13 @@ from deploy.runner import kafka_for
 KAFKA_PYTHON = "kafka-python"
 LIBRDKAFKA = "confluent-kafka (librdkafka)"
 POLL_S = 0.1  # the ingest poll thread's poll timeout
-JOIN_S = 8.0  # a group join on the embedded broker takes seconds; measuring starts after it
 READ_TIMEOUT_S = 120.0
 
 
 def run(args: argparse.Namespace, settings: Settings) -> SuiteResult:
     count = sizes.KAFKA_CLIENT_RECORDS.pick(args.kafka_records, args.quick)
     idle_s = sizes.KAFKA_CLIENT_IDLE_S.pick(None, args.quick)
+    join_s = sizes.KAFKA_CLIENT_JOIN_S.pick(None, args.quick)
     waits = sorted({settings.kafka.fetch_max_wait_ms, settings.kafka.follower_fetch_max_wait_ms})
     group = settings.pipeline.poll_records
     rng = random.Random(args.seed)
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace, settings: Settings) -> SuiteResult:
         for _ in range(args.repeats):
             for name, client in clients.items():
                 for wait in waits:
-                    idle_samples[name, wait].append(client.idle_percent(settings, wait, idle_s))
+                    idle_samples[name, wait].append(client.idle_percent(settings, wait, join_s, idle_s))
                 topic = f"bench-clients-{uuid.uuid4().hex[:8]}"
                 ensure_topics(settings, {topic: {}})
                 produce[name].append(client.produce_us(settings, topic, records, group))
@@ -85,12 +85,12 @@ def run(args: argparse.Namespace, settings: Settings) -> SuiteResult:
 class _Client:
     """One Kafka client, driven the way the pipeline drives kafka-python."""
 
-    def idle_percent(self, settings: Settings, wait_ms: int, seconds: float) -> float:
+    def idle_percent(self, settings: Settings, wait_ms: int, join_s: float, seconds: float) -> float:
         topic = f"bench-idle-{uuid.uuid4().hex[:8]}"
         ensure_topics(settings, {topic: {}})
         poll, close = self.consumer(settings, topic, wait_ms)
         try:
-            joined = time.monotonic() + JOIN_S
+            joined = time.monotonic() + join_s
             while time.monotonic() < joined:
                 poll()
             started = time.process_time()

@@ -40,5 +40,6 @@ BASELINE_CNN_IMAGES = Size(128, 16)  # inputs per CNN measurement (the sample's,
 COMPRESSION_RECORDS = Size(20_000, 500)
 KAFKA_CLIENT_RECORDS = Size(20_000, 500)
 KAFKA_CLIENT_IDLE_S = Size(5.0, 1.0)  # seconds an idle consumer is measured, per fetch wait
+KAFKA_CLIENT_JOIN_S = Size(8.0, 1.0)  # polling before that: a group join on the embedded broker takes seconds
 SCALEOUT_IMAGES = Size(400, 12)  # unique images per scaleout run (three runs)
 GPU_RATES = Size((500, 1000, 2000), (500, 1000, 2000))  # CNN replica images/s the sizing table assumes
