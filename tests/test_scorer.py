@@ -35,6 +35,7 @@ from workers.scorer import (
 SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
 LIMITS = LoadLimits(max_bytes=1_000_000, max_pixels=10_000_000, fetch_timeout_s=2.0)
 DRAFT = (256, 256)
+TRUNCATED_JPEG = sorted(SAMPLES.glob("*.jpg"))[0].read_bytes()[:1500]
 
 
 def model_input(image: Image.Image) -> np.ndarray:
@@ -159,6 +160,17 @@ def test_bytes_loaded_before_keep_their_features_and_skip_the_decode(monkeypatch
     np.testing.assert_array_equal(copy.features.histogram, first.features.histogram)
 
 
+@pytest.mark.parametrize("data", [TRUNCATED_JPEG, b"\x00" * 64], ids=["truncated-jpeg", "not-an-image"])
+def test_bytes_that_failed_to_load_are_never_known_and_fail_again(data: bytes) -> None:
+    """A producer repeating a bad upload gets a dead letter every time: only bytes that
+    decoded are remembered, so nothing hostile is ever answered from the cache."""
+    known = KnownFeatures(10)
+    value = event("bad", data_b64=base64.b64encode(data).decode())
+    outcomes = [load_record(Record(value), LIMITS, DRAFT, model_input, known) for _ in range(2)]
+    assert all(isinstance(o, DeadLetter) and o.reason in {"decode_failed", "unsupported_format"} for o in outcomes)
+    assert len(known) == 0 and known.hits == 0
+
+
 def test_a_known_copy_matched_in_dedup_is_never_decoded() -> None:
     known, fakes = KnownFeatures(10), Fakes()
     original = item(1, known=known)
@@ -229,9 +241,6 @@ def test_stopping_while_a_dependency_is_down_leaves_the_batch_unscored() -> None
     fakes.dedup_failures = [Unavailable("shard restarting")] * 10
     with pytest.raises(Stopping):
         fakes.scorer(should_stop=lambda: True).score([item(1)])
-
-
-TRUNCATED_JPEG = sorted(SAMPLES.glob("*.jpg"))[0].read_bytes()[:1500]
 
 
 @pytest.mark.parametrize(

@@ -106,13 +106,15 @@ def _round_trip(settings: Settings, codec: str, records: list[tuple[bytes, bytes
     topic = f"bench-compression-{codec}-{uuid.uuid4().hex[:8]}"
     ensure_topics(settings, {topic: {}})
     started = time.process_time()
-    _produce(settings, topic, codec, records, group)
+    produce_flushed(settings, topic, records, group, codec)
     produced = time.process_time()
-    _consume(settings, topic, len(records))
+    read_back(settings, topic, len(records))
     return produced - started, time.process_time() - produced
 
 
-def _produce(settings: Settings, topic: str, codec: str, records: list[tuple[bytes, bytes]], group: int) -> None:
+def produce_flushed(settings: Settings, topic: str, records: list[tuple[bytes, bytes]], group: int,
+                    codec: str) -> None:
+    """Send as the sink does: ``group`` records at a time, flushed, every one acknowledged."""
     producer = make_producer(settings, compression_type=None if codec == "none" else codec)
     try:
         for start in range(0, len(records), group):
@@ -124,7 +126,8 @@ def _produce(settings: Settings, topic: str, codec: str, records: list[tuple[byt
         producer.close()
 
 
-def _consume(settings: Settings, topic: str, count: int) -> None:
+def read_back(settings: Settings, topic: str, count: int) -> None:
+    """Read ``count`` records of ``topic`` from its beginning, without a group."""
     consumer = make_consumer(settings, topics=None, group_id=None)
     try:
         read_from_beginning(consumer, [topic])

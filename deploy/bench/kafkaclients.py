@@ -29,9 +29,9 @@ from collections.abc import Callable
 from typing import Any
 
 from common.config import Settings
-from common.kafkaio import ensure_topics, make_consumer, make_producer, poll_records, read_from_beginning
+from common.kafkaio import ensure_topics, make_consumer, poll_records
 from deploy.bench import sizes
-from deploy.bench.compression import verdict_record
+from deploy.bench.compression import produce_flushed, read_back, verdict_record
 from deploy.bench.report import BenchError, Measure, SuiteResult, ratios
 from deploy.runner import kafka_for
 
@@ -118,27 +118,14 @@ class _KafkaPython(_Client):
         return lambda: len(poll_records(consumer, int(POLL_S * 1000)).records), consumer.close
 
     def produce_us(self, settings: Settings, topic: str, records: list[tuple[bytes, bytes]], group: int) -> float:
-        producer = make_producer(settings)
-        try:
-            started = time.process_time()
-            for start in range(0, len(records), group):
-                futures = [producer.send(topic, key=key, value=value) for key, value in records[start:start + group]]
-                producer.flush()
-                for future in futures:
-                    future.get(timeout=30)
-            return (time.process_time() - started) * 1e6 / len(records)
-        finally:
-            producer.close()
+        started = time.process_time()
+        produce_flushed(settings, topic, records, group, settings.kafka.compression_type)
+        return (time.process_time() - started) * 1e6 / len(records)
 
     def consume_us(self, settings: Settings, topic: str, count: int) -> float:
-        consumer = make_consumer(settings, topics=None, group_id=None)
-        try:
-            read_from_beginning(consumer, [topic])
-            started = time.process_time()
-            _read(lambda: len(poll_records(consumer, 200).records), count, topic)
-            return (time.process_time() - started) * 1e6 / count
-        finally:
-            consumer.close()
+        started = time.process_time()
+        read_back(settings, topic, count)
+        return (time.process_time() - started) * 1e6 / count
 
 
 class _Librdkafka(_Client):
@@ -177,19 +164,15 @@ class _Librdkafka(_Client):
             consumer.assign([self.kafka.TopicPartition(topic, partition, self.kafka.OFFSET_BEGINNING)
                              for partition in partitions])
             started = time.process_time()
-            _read(lambda: sum(1 for message in consumer.consume(500, 0.2) if message.error() is None), count, topic)
+            seen = 0
+            deadline = time.monotonic() + READ_TIMEOUT_S
+            while seen < count:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"read {seen} of {count} records back from {topic}")
+                seen += sum(1 for message in consumer.consume(500, 0.2) if message.error() is None)
             return (time.process_time() - started) * 1e6 / count
         finally:
             consumer.close()
-
-
-def _read(poll: Callable[[], int], count: int, topic: str) -> None:
-    seen = 0
-    deadline = time.monotonic() + READ_TIMEOUT_S
-    while seen < count:
-        if time.monotonic() > deadline:
-            raise BenchError(f"read {seen} of {count} records back from {topic}")
-        seen += poll()
 
 
 def _clients() -> dict[str, _Client]:

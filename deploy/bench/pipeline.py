@@ -171,7 +171,7 @@ def _mix_rate(unique: Phase, duplicates: Phase) -> float:
 
 
 def run_phase(settings: Settings, collector: VerdictCollector, events: list[UploadEvent],
-           rate: float | None = None, pipeline: Any = None) -> Phase:
+              rate: float | None = None, pipeline: Any = None) -> Phase:
     """Publish events and wait for their verdicts; with ``pipeline``, also account the CPU every
     process of the run spent meanwhile (by role, and by thread inside the ingest actors)."""
     if not events:
