@@ -57,12 +57,16 @@ class TopicConfig(_Section):
 
 CompressionType = Literal["none", "gzip", "snappy", "lz4", "zstd"]
 COMPRESSION_TYPES: tuple[str, ...] = get_args(CompressionType)
+KafkaClient = Literal["kafka-python", "librdkafka"]
 
 
 class KafkaConfig(_Section):
     """Client settings. ``bootstrap`` empty means: start the embedded broker."""
 
     bootstrap: str = ""
+    # kafka-python (pure Python, the default) or librdkafka (the librdkafka extra: confluent-kafka),
+    # which spends a fraction of the CPU per record and while idle (docs/benchmarks.md).
+    client: KafkaClient = "kafka-python"
     group_id: str = "modstream"
     client_id: str = "modstream"
     security_protocol: str = "PLAINTEXT"

@@ -41,8 +41,10 @@ class KafkaSetupError(ModstreamError):
     """Topics could not be created or the cluster could not be reached."""
 
 
-def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
-    """An idempotent producer that waits for all in-sync replicas (acks=all), compressing as configured."""
+def make_producer(settings: Settings, **overrides: Any) -> Any:
+    """An idempotent producer that waits for all in-sync replicas (acks=all), compressing as configured.
+
+    kafka-python's ``KafkaProducer``, or with ``kafka.client: librdkafka`` its stand-in over librdkafka."""
     compression = settings.kafka.compression_type
     config: dict[str, Any] = {
         **settings.kafka_client_kwargs(),
@@ -54,6 +56,9 @@ def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
         "key_serializer": _encode_key,
     }
     config.update(overrides)
+    if settings.kafka.client == "librdkafka":
+        from common.rdkafka import RdkafkaProducer  # the librdkafka extra: imported only when chosen
+        return RdkafkaProducer(config)
     return KafkaProducer(**config)
 
 
@@ -76,8 +81,10 @@ def publish_acknowledged(settings: Settings, topic: str, records: Iterable[tuple
 
 
 def make_consumer(settings: Settings, topics: Iterable[str] | None, group_id: str | None,
-                  **overrides: Any) -> KafkaConsumer:
-    """A consumer with manual commits; subscribe to ``topics`` unless None (assign later)."""
+                  **overrides: Any) -> Any:
+    """A consumer with manual commits; subscribe to ``topics`` unless None (assign later).
+
+    kafka-python's ``KafkaConsumer``, or with ``kafka.client: librdkafka`` its stand-in over librdkafka."""
     kafka = settings.kafka
     config: dict[str, Any] = {
         **settings.kafka_client_kwargs(),
@@ -93,7 +100,13 @@ def make_consumer(settings: Settings, topics: Iterable[str] | None, group_id: st
         "fetch_max_bytes": kafka.fetch_max_bytes,
     }
     config.update(overrides)
-    consumer = KafkaConsumer(**config)
+    consumer: Any
+    if kafka.client == "librdkafka":
+        from common.rdkafka import RdkafkaConsumer
+        consumer = RdkafkaConsumer(config, on_skipped=lambda batch: _report_skipped(
+            batch.partition, batch.offset, batch.next_offset, batch.error))
+    else:
+        consumer = KafkaConsumer(**config)
     if topics is not None:
         consumer.subscribe(list(topics))
     return consumer
@@ -147,7 +160,7 @@ def ensure_topics(settings: Settings, topics: dict[str, dict[str, str]] | None =
         admin.close()
 
 
-def read_from_beginning(consumer: KafkaConsumer, topics: Iterable[str], timeout_s: float = 30.0
+def read_from_beginning(consumer: Any, topics: Iterable[str], timeout_s: float = 30.0
                         ) -> list[TopicPartition]:
     """Assign every partition of ``topics`` (no group) and seek to their start.
 
@@ -203,7 +216,7 @@ _DECODE_ERRORS = (CorruptRecordError, UnsupportedCodecError)
 _MAX_ERROR_CHARS = 500
 
 
-def poll_records(consumer: KafkaConsumer, timeout_ms: int, max_records: int | None = None) -> Polled:
+def poll_records(consumer: Any, timeout_ms: int, max_records: int | None = None) -> Polled:
     """``consumer.poll`` that never raises for a batch it cannot decode.
 
     Policy: skip and report. A batch this client cannot decode will not
@@ -215,8 +228,14 @@ def poll_records(consumer: KafkaConsumer, timeout_ms: int, max_records: int | No
     it, and the caller gets it in ``Polled.undecodable`` to dead-letter.
     Other partitions keep flowing: their records come back in the same or
     the next call. Any other error (broker, authorisation, a deserializer)
-    is raised as before.
+    is raised as before. librdkafka reports such a batch instead of raising; its consumer
+    skips it the same way (``common.rdkafka``).
     """
+    if hasattr(consumer, "poll_batches"):  # common.rdkafka's consumer
+        records, skipped = consumer.poll_batches(timeout_ms, max_records)
+        return Polled(records=records, undecodable=[
+            Undecodable(topic=batch.partition.topic, partition=batch.partition.partition, offset=batch.offset,
+                        error=batch.error[:_MAX_ERROR_CHARS], next_offset=batch.next_offset) for batch in skipped])
     try:
         polled = consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
     except Exception as exc:  # inspected below; anything not a decode failure is re-raised
@@ -275,12 +294,17 @@ def _skip(consumer: KafkaConsumer, exc: BaseException, partition: TopicPartition
     resume = max(batch.next_offset if batch is not None else 0, first + 1)
     error = str(exc) if str(exc).startswith(type(exc).__name__) else f"{type(exc).__name__}: {exc}"
     error = error[:_MAX_ERROR_CHARS]
-    log.error("undecodable record batch on topic %s partition %d at offset %d: skipped %d offset(s), "
-              "resuming at %d: %s", partition.topic, partition.partition, first, resume - first, resume, error)
-    metrics.UNDECODABLE_BATCHES.labels(topic=partition.topic).inc()
+    _report_skipped(partition, first, resume, error)
     consumer.seek(partition, resume)
     return Undecodable(topic=partition.topic, partition=partition.partition, offset=first, error=error,
                        next_offset=resume)
+
+
+def _report_skipped(partition: TopicPartition, first: int, resume: int, error: str) -> None:
+    log.error("undecodable record batch on topic %s partition %d at offset %d: skipped %d offset(s), "
+              "resuming at %d: %s", partition.topic, partition.partition, first, resume - first, resume,
+              error[:_MAX_ERROR_CHARS])
+    metrics.UNDECODABLE_BATCHES.labels(topic=partition.topic).inc()
 
 
 def _encode_key(key: str | bytes | None) -> bytes | None:

@@ -1,0 +1,219 @@
+"""``kafka.client: librdkafka``: modstream's producers and consumers over librdkafka, against
+the real embedded broker and, end to end, the real pipeline.
+
+The hostile batches come from kafka-python producers with their lz4 encoder or CRC replaced
+(as in test_kafkaio): librdkafka reports such a batch and then fetches it forever, so the
+consumer must find where it ends and move past it, exactly, without losing a record after it.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import kafka.record.default_records as default_records
+import pytest
+from kafka import TopicPartition
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from common.config import Settings
+from common.kafkaio import ensure_topics, make_consumer, make_producer, poll_records
+from common.logend import log_end
+from common.messages import ReviewDecision
+from common.rdkafka import RdkafkaConsumer, RdkafkaProducer
+from deploy.broker import EmbeddedBroker
+from deploy.clients import publish_events, publish_review, upload_event_for
+from deploy.demo import publish_malformed
+from tests.conftest import wait_for
+from tests.test_kafkaio import drain, patched, produce, undecodable_count
+from tests.test_pipeline import resized
+from workers.source import KafkaSource
+
+SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def rdkafka_settings(make_settings: Callable[..., Settings]) -> Callable[..., Settings]:
+    return lambda **sections: make_settings(**{**sections, "kafka": {"client": "librdkafka",
+                                                                      **sections.get("kafka", {})}})
+
+
+@pytest.fixture
+def topic(rdkafka_settings: Callable[..., Settings]) -> tuple[Settings, str]:
+    settings = rdkafka_settings()
+    name = f"rd-{uuid.uuid4().hex[:8]}"
+    ensure_topics(settings, {name: {}})
+    return settings, name
+
+
+def assigned_from_start(settings: Settings, name: str) -> RdkafkaConsumer:
+    consumer = make_consumer(settings, topics=None, group_id=None)
+    assert isinstance(consumer, RdkafkaConsumer)
+    consumer.assign([TopicPartition(name, 0), TopicPartition(name, 1)])
+    consumer.seek_to_beginning()
+    return consumer
+
+
+def test_the_factories_build_librdkafka_clients_and_a_record_goes_round(topic) -> None:
+    settings, name = topic
+    producer = make_producer(settings)
+    assert isinstance(producer, RdkafkaProducer)
+    futures = [producer.send(name, key=f"k{i}", value=b"v%d" % i, partition=i % 2) for i in range(6)]
+    producer.flush(timeout=10)
+    metadata = [future.get(timeout=10) for future in futures]
+    assert [(m.partition, m.offset) for m in metadata] == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
+    assert all(m.timestamp > 0 for m in metadata) and all(f.succeeded() and not f.failed() for f in futures)
+    assert producer.partitions_for(name) == {0, 1}
+    producer.close()
+
+    consumer = assigned_from_start(settings, name)
+    tp0 = TopicPartition(name, 0)
+    assert consumer.position(tp0) == 0  # resolved before any fetch, as kafka-python does
+    values, undecodable = drain(consumer, want_values=6, want_undecodable=0)
+    assert sorted(values) == [b"v%d" % i for i in range(6)] and not undecodable
+    assert consumer.position(tp0) == 3 and consumer.highwater(tp0) == 3
+    # The embedded broker lists an idempotent producer's end offsets low; log_end corrects it, as the pipeline does.
+    assert log_end(consumer.end_offsets([tp0])[tp0], consumer.highwater(tp0)) == 3
+    first = consumer.offsets_for_times({tp0: 0})[tp0]
+    assert first is not None and first.offset == 0
+    consumer.seek(tp0, 1)
+    again = poll_records(consumer, timeout_ms=2000).records
+    assert [(r.partition, r.offset, r.key) for r in again] == [(0, 1, b"k2"), (0, 2, b"k4")]
+    assert consumer.partitions_for_topic(name) == {0, 1} and name in consumer.topics()
+    assert consumer.partitions_for_topic(f"missing-{uuid.uuid4().hex[:8]}") is None
+    consumer.close()
+
+
+def test_a_record_too_large_is_refused_at_send_and_not_retriable(topic) -> None:
+    settings, name = topic
+    producer = make_producer(settings, max_request_size=10_000)
+    with pytest.raises(KafkaError) as refused:
+        producer.send(name, value=b"x" * 20_000)
+    assert "MSG_SIZE_TOO_LARGE" in str(refused.value) and not refused.value.retriable
+    producer.close()
+
+
+def test_a_setting_librdkafka_has_no_counterpart_for_is_refused(topic) -> None:
+    settings, _ = topic
+    with pytest.raises(ValueError, match="value_deserializer"):
+        make_consumer(settings, topics=None, group_id=None, value_deserializer=bytes)
+
+
+def test_a_corrupt_compressed_payload_and_a_failing_crc_are_skipped_exactly(topic, broker: EmbeddedBroker,
+                                                                           caplog) -> None:
+    """librdkafka fetches a bad batch forever: the consumer finds its end (gallop, then bisect) and
+    resumes right after it; a 37-record batch checks the search lands on its last offset + 1."""
+    settings, name = topic
+    produce(broker.bootstrap, name, 0, [b"first"])  # 0
+    with patched(default_records, "lz4_encode", lambda data: b"not an lz4 frame"):
+        produce(broker.bootstrap, name, 0, [b"x" * 100 for _ in range(37)], compression_type="lz4")  # 1..37
+    produce(broker.bootstrap, name, 0, [b"between"])  # 38
+    with patched(default_records, "calc_crc32c", lambda data: 12345):
+        produce(broker.bootstrap, name, 0, [b"bad crc", b"bad crc"])  # 39, 40
+    produce(broker.bootstrap, name, 0, [b"last"])  # 41
+    produce(broker.bootstrap, name, 1, [b"other"])
+    consumer = assigned_from_start(settings, name)
+    caplog.set_level(logging.ERROR, logger="common.kafkaio")
+
+    values, undecodable = drain(consumer, want_values=4, want_undecodable=2)
+
+    assert sorted(values) == [b"between", b"first", b"last", b"other"]
+    assert [(u.partition, u.offset, u.next_offset) for u in undecodable] == [(0, 1, 38), (0, 39, 41)]
+    assert undecodable[0].error.startswith("_BAD_COMPRESSION") and undecodable[1].error.startswith("_BAD_MSG")
+    assert undecodable_count(name) == 2
+    assert f"topic {name} partition 0 at offset 1: skipped 37 offset(s)" in caplog.text
+    assert consumer.position(TopicPartition(name, 0)) == 42
+    assert poll_records(consumer, timeout_ms=300).idle  # nothing left, nothing fetched again
+    consumer.close()
+
+
+def test_a_bad_batch_at_the_end_of_a_partition_is_skipped_to_its_end(topic, broker: EmbeddedBroker) -> None:
+    settings, name = topic
+    with patched(default_records, "lz4_encode", lambda data: b"not an lz4 frame"):
+        produce(broker.bootstrap, name, 1, [b"y" * 100 for _ in range(3)], compression_type="lz4")
+    consumer = assigned_from_start(settings, name)
+    _, undecodable = drain(consumer, want_values=0, want_undecodable=1)
+    assert [(u.offset, u.next_offset) for u in undecodable] == [(0, 3)]
+    produce(broker.bootstrap, name, 1, [b"after"])
+    values, _ = drain(consumer, want_values=1, want_undecodable=0)
+    assert values == [b"after"]
+    consumer.close()
+
+
+def test_revoke_commits_the_settled_batch_before_the_partitions_move(rdkafka_settings, broker) -> None:
+    """The source's async rebalance listener runs inside librdkafka's poll: a second member joining
+    makes the first commit what it settled, and the newcomer starts right after it."""
+    settings = rdkafka_settings()
+    ensure_topics(settings)
+    producer = make_producer(settings)
+    for i in range(10):
+        producer.send(settings.topics.uploads, key=f"k{i}", value=b"e%d" % i, partition=i % 2)
+    producer.flush(timeout=10)
+    first = KafkaSource(settings, drained=lambda: True)
+    polled: list = []
+    wait_for(lambda: polled.extend(first.poll(200, 100).records) or len(polled) == 10, 30, interval_s=0,
+             message="the first member reads all ten")
+    first.settle(first.ledger.stamp({TopicPartition(r.topic, r.partition): r.offset + 1 for r in polled}))
+
+    second = KafkaSource(settings, drained=lambda: True)
+    joined: list = []
+
+    def both_poll() -> bool:
+        first.poll(100, 100)
+        joined.extend(second.poll(100, 100).records)
+        return bool(second.ledger.owned())
+
+    wait_for(both_poll, 60, interval_s=0, message="the second member gets partitions")
+    reader = make_consumer(settings, topics=None, group_id=settings.kafka.group_id)
+    committed = {p: reader.committed(TopicPartition(settings.topics.uploads, p)) for p in (0, 1)}
+    assert committed == {0: 5, 1: 5}  # committed on revoke, before the newcomer read anything
+    assert joined == []  # nothing settled is read again
+    for source in (first, second):
+        source.close()
+    reader.close()
+
+
+def test_the_pipeline_on_librdkafka_answers_copies_bad_records_and_learns_a_review(
+        start_pipeline, rdkafka_settings, broker: EmbeddedBroker, tmp_path) -> None:
+    """Every Kafka client of the pipeline (ingest, sink, review consumer, dedup changelog, bank
+    follower) on librdkafka: verdicts, a copy from dedup, dead letters for a malformed record and
+    an undecodable batch, and a review that blocks a later resized copy."""
+    pipeline, outputs = start_pipeline(rdkafka_settings())
+    settings = pipeline.settings
+    cat, dog = SAMPLES / "cat.jpg", sorted(SAMPLES.glob("*.jpg"))[0]
+    publish_events(settings, [upload_event_for(cat, inline=False), upload_event_for(dog, inline=False)])
+    publish_events(settings, [upload_event_for(cat, inline=True, image_id="cat-copy")])
+    publish_malformed(settings, [b"not json at all"])
+    with patched(default_records, "lz4_encode", lambda data: b"not an lz4 frame"):
+        produce(broker.bootstrap, settings.topics.uploads, 0, [b"z" * 100 for _ in range(3)],
+                compression_type="lz4")
+    outputs.wait(3, dead_letters=2)
+    verdicts = outputs.by_image()
+    assert verdicts["cat"].source == "model" and verdicts["cat"].action != "block"
+    assert (verdicts["cat-copy"].source, verdicts["cat-copy"].matched_image_id) == ("exact_duplicate", "cat")
+    details = sorted(letter.detail for letter in outputs.dead_letters)
+    assert [letter.reason for letter in outputs.dead_letters] == ["invalid_event"] * 2
+    assert any(detail.startswith("undecodable record batch") and "_BAD_COMPRESSION" in detail
+               for detail in details)
+
+    publish_review(settings, ReviewDecision(image_id="cat", label="adult", reviewer="test"))
+    wait_for(lambda: pipeline.stats().get("reviews_applied", 0) >= 1, message="review applied")
+    publish_events(settings, [upload_event_for(resized(cat, tmp_path), inline=True, image_id="cat-small")])
+    outputs.wait(4, dead_letters=2)
+    verdict = outputs.by_image()["cat-small"]
+    assert (verdict.action, verdict.source, verdict.matched_image_id) == ("block", "review_cache", "cat")
+
+
+def test_commit_of_offsets_goes_to_the_group(rdkafka_settings) -> None:
+    settings = rdkafka_settings()
+    ensure_topics(settings)
+    consumer = make_consumer(settings, topics=None, group_id=settings.kafka.group_id)
+    tp = TopicPartition(settings.topics.uploads, 1)
+    assert consumer.committed(tp) is None
+    consumer.commit({tp: OffsetAndMetadata(0, "", -1)})
+    assert consumer.committed(tp) == 0
+    consumer.close()
