@@ -17,9 +17,10 @@ Where the clients differ, this module bridges:
   first offset that is no longer inside it) and seeks there, so ``poll_records`` skips and
   reports it exactly as it does for kafka-python.
 - Delivery reports and rebalance callbacks run inside ``poll``/``flush``/``consume`` on the
-  caller's thread: a future's ``get`` serves delivery reports itself, and an async
-  rebalance listener runs to completion inside the consumer's poll (librdkafka's own
-  threads keep the group membership alive meanwhile).
+  caller's thread: a future's ``get`` polls for its own report, and an async rebalance
+  listener runs to completion inside the consumer's poll (librdkafka's own threads keep
+  the group membership alive meanwhile). A thread that polls for delivery reports in the
+  background would make every ``flush`` slower: librdkafka's flush then sleeps 10 ms steps.
 - ``seek`` right after ``assign`` is refused by librdkafka (the partition is not fetching
   yet); the partition is assigned again at the new offset instead.
 - Errors surface as kafka-python's ``KafkaError`` with librdkafka's ``retriable`` flag, so
@@ -53,6 +54,9 @@ UNDECODABLE_CODES = frozenset({
     confluent_kafka.KafkaError._NOT_IMPLEMENTED,
 })
 PROBE_WAIT_S = 2.0  # per probe of a bad batch's extent; a probe that sees nothing counts as "past it"
+# A future's wait for its report, per poll. A poll returns with the first report it serves, but a
+# report served by another thread's poll or flush does not wake this one (a whole slice lost).
+REPORT_SLICE_S = 0.005
 SEND_BLOCK_S = 60.0  # how long ``send`` waits for room in a full queue, as kafka-python's max_block_ms
 
 
@@ -126,7 +130,8 @@ class RecordMetadata:
 class DeliveryFuture:
     """kafka-python's send future over a librdkafka delivery report.
 
-    The report is delivered inside the producer's ``poll``; ``get`` polls until it comes."""
+    Reports are delivered inside the producer's ``poll`` or ``flush``, on whichever thread calls
+    it; ``get`` polls in short slices, so a report another thread took costs at most a slice."""
 
     def __init__(self, producer: confluent_kafka.Producer) -> None:
         self._producer = producer
@@ -155,10 +160,9 @@ class DeliveryFuture:
     def get(self, timeout: float | None = None) -> RecordMetadata:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._done.is_set():
-            left = 0.1 if deadline is None else deadline - time.monotonic()
-            if left <= 0:
+            if deadline is not None and time.monotonic() >= deadline:
                 raise KafkaTimeoutError(f"no delivery report within {timeout}s")
-            self._producer.poll(min(left, 0.1))
+            self._producer.poll(REPORT_SLICE_S)
         if self.exception is not None:
             raise self.exception
         assert self.value is not None
@@ -186,7 +190,7 @@ class RdkafkaProducer:
             except BufferError as exc:  # the queue is full: serve delivery reports until there is room
                 if time.monotonic() > deadline:
                     raise KafkaTimeoutError(f"the producer queue stayed full for {SEND_BLOCK_S}s") from exc
-                self._producer.poll(0.1)
+                self._producer.poll(REPORT_SLICE_S)  # delivered records make room
             except confluent_kafka.KafkaException as exc:
                 raise _as_kafka_error(exc) from exc
 
@@ -357,8 +361,19 @@ class RdkafkaConsumer:
 
     def end_offsets(self, partitions: Iterable[TopicPartition], timeout_ms: int | None = None
                     ) -> dict[TopicPartition, int]:
+        """One ListOffsets request for all (timestamp "latest"), as kafka-python sends: asked partition by
+        partition, each waited behind the connection's pending fetch (4 partitions: 207 ms, not 51)."""
         timeout_s = 30.0 if timeout_ms is None else timeout_ms / 1000
-        return {tp: self._watermarks(tp, timeout_s)[1] for tp in partitions}
+        asked = [confluent_kafka.TopicPartition(tp.topic, tp.partition, confluent_kafka.OFFSET_END)
+                 for tp in partitions]
+        try:
+            found = self._consumer.offsets_for_times(asked, timeout=timeout_s)
+        except confluent_kafka.KafkaException as exc:
+            raise _as_kafka_error(exc) from exc
+        for tp in found:
+            if tp.error is not None:
+                raise RdkafkaError(tp.error)
+        return {TopicPartition(tp.topic, tp.partition): tp.offset for tp in found}
 
     def _watermarks(self, partition: TopicPartition, timeout_s: float = 30.0) -> tuple[int, int]:
         try:
@@ -401,7 +416,7 @@ class RdkafkaConsumer:
                      ) -> tuple[list[ConsumerRecord], list[SkippedBatch]]:
         """Records in order, and the undecodable batches moved past (each already passed to ``on_skipped``)."""
         try:
-            messages = self._consumer.consume(max_records or 500, timeout_ms / 1000)
+            messages = self._take(max_records or 500, timeout_ms / 1000)
         except confluent_kafka.KafkaException as exc:
             raise _as_kafka_error(exc) from exc
         records: list[ConsumerRecord] = []
@@ -426,6 +441,19 @@ class RdkafkaConsumer:
             else:  # librdkafka recovers from the rest itself (reconnects, leader moves)
                 log.warning("consumer: %s: %s", error.name(), error.str())
         return records, skipped
+
+    def _take(self, limit: int, timeout_s: float) -> list[confluent_kafka.Message]:
+        """Up to ``limit`` messages, returning as soon as there are any, as kafka-python's poll does.
+
+        librdkafka's ``consume(limit, timeout)`` waits for all ``limit`` or the whole timeout: a batch
+        smaller than ``limit`` would wait out the poll timeout every time."""
+        messages = self._consumer.consume(limit, 0)  # already fetched
+        if messages:
+            return messages
+        first = self._consumer.poll(timeout_s)  # returns with the first message to arrive
+        if first is None:
+            return []
+        return [first, *self._consumer.consume(limit - 1, 0)] if limit > 1 else [first]
 
     def _skip(self, partition: TopicPartition, offset: int, error: str) -> SkippedBatch:
         end = self._batch_end(partition, offset)

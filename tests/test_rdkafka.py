@@ -144,16 +144,19 @@ def test_a_bad_batch_at_the_end_of_a_partition_is_skipped_to_its_end(topic, brok
     consumer.close()
 
 
-def test_revoke_commits_the_settled_batch_before_the_partitions_move(rdkafka_settings, broker) -> None:
+@pytest.mark.parametrize("first_client", ["librdkafka", "kafka-python"])
+def test_revoke_commits_the_settled_batch_before_the_partitions_move(first_client, rdkafka_settings) -> None:
     """The source's async rebalance listener runs inside librdkafka's poll: a second member joining
-    makes the first commit what it settled, and the newcomer starts right after it."""
+    makes the first commit what it settled, and the newcomer starts right after it. With a
+    kafka-python member first, the group mixes both clients, as during a rollout of the setting."""
     settings = rdkafka_settings()
     ensure_topics(settings)
     producer = make_producer(settings)
     for i in range(10):
         producer.send(settings.topics.uploads, key=f"k{i}", value=b"e%d" % i, partition=i % 2)
     producer.flush(timeout=10)
-    first = KafkaSource(settings, drained=lambda: True)
+    first_settings = settings.model_copy(update={"kafka": settings.kafka.model_copy(update={"client": first_client})})
+    first = KafkaSource(first_settings, drained=lambda: True)
     polled: list = []
     wait_for(lambda: polled.extend(first.poll(200, 100).records) or len(polled) == 10, 30, interval_s=0,
              message="the first member reads all ten")
@@ -165,9 +168,9 @@ def test_revoke_commits_the_settled_batch_before_the_partitions_move(rdkafka_set
     def both_poll() -> bool:
         first.poll(100, 100)
         joined.extend(second.poll(100, 100).records)
-        return bool(second.ledger.owned())
+        return bool(second.ledger.owned()) and bool(first.ledger.owned())
 
-    wait_for(both_poll, 60, interval_s=0, message="the second member gets partitions")
+    wait_for(both_poll, 60, interval_s=0, message="both members own partitions")
     reader = make_consumer(settings, topics=None, group_id=settings.kafka.group_id)
     committed = {p: reader.committed(TopicPartition(settings.topics.uploads, p)) for p in (0, 1)}
     assert committed == {0: 5, 1: 5}  # committed on revoke, before the newcomer read anything
@@ -175,6 +178,7 @@ def test_revoke_commits_the_settled_batch_before_the_partitions_move(rdkafka_set
     for source in (first, second):
         source.close()
     reader.close()
+    producer.close()
 
 
 def test_the_pipeline_on_librdkafka_answers_copies_bad_records_and_learns_a_review(

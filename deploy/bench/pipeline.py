@@ -94,7 +94,8 @@ def run(args: argparse.Namespace, settings: Settings) -> SuiteResult:
     gpus = gpu_names()
     result = SuiteResult("pipeline", params={
         "images": images, "dup_ratio": args.dup_ratio, "size": f"{size[0]}x{size[1]}", "references": references,
-        "cores": usable_cpus(), "device": ", ".join(gpus) or "CPU", "repeats": args.repeats, "seed": args.seed})
+        "cores": usable_cpus(), "device": ", ".join(gpus) or "CPU", "repeats": args.repeats, "seed": args.seed,
+        "kafka_client": settings.kafka.client})
     with tempfile.TemporaryDirectory(prefix="modstream-bench-") as tmp, kafka_for(settings) as settings:
         folder = Path(tmp)
         bundle, histograms = bench_bundle(settings, folder / "bundle", references, args.seed)
@@ -140,14 +141,17 @@ def _run_pipeline(settings: Settings, workload: Workload, idle_s: float
     # A Ray that already runs the classifier (the test session's) keeps it; otherwise deploy ours.
     pipeline = Pipeline(settings, deploy_classifier=APP_NAME not in serve.status().applications).start()
     collector = VerdictCollector(settings)
+    producer = make_producer(settings)
     try:
-        run_phase(settings, collector, workload.warmup)
+        run_phase(settings, collector, producer, workload.warmup)
         idle = measure_idle(idle_s)
         with MemorySampler() as sampler:
-            unique = run_phase(settings, collector, workload.unique, pipeline=pipeline)
-            duplicates = run_phase(settings, collector, workload.duplicates, pipeline=pipeline)
-            mixed = run_phase(settings, collector, workload.mixed, rate=_mix_rate(unique, duplicates) / 2)
+            unique = run_phase(settings, collector, producer, workload.unique, pipeline=pipeline)
+            duplicates = run_phase(settings, collector, producer, workload.duplicates, pipeline=pipeline)
+            mixed = run_phase(settings, collector, producer, workload.mixed,
+                              rate=_mix_rate(unique, duplicates) / 2)
     finally:
+        producer.close()
         collector.close()
         pipeline.stop()
     return {"unique": unique, "duplicates": duplicates, "mixed": mixed}, idle, sampler.peaks
@@ -170,10 +174,14 @@ def _mix_rate(unique: Phase, duplicates: Phase) -> float:
     return (unique.events + duplicates.events) / (unique.seconds + duplicates.seconds)
 
 
-def run_phase(settings: Settings, collector: VerdictCollector, events: list[UploadEvent],
+def run_phase(settings: Settings, collector: VerdictCollector, producer: Any, events: list[UploadEvent],
               rate: float | None = None, pipeline: Any = None) -> Phase:
     """Publish events and wait for their verdicts; with ``pipeline``, also account the CPU every
-    process of the run spent meanwhile (by role, and by thread inside the ingest actors)."""
+    process of the run spent meanwhile (by role, and by thread inside the ingest actors).
+
+    ``producer`` lives for the whole run, as an upload service's would: a new idempotent
+    librdkafka producer holds its first records about 0.5 s while it gets its producer id,
+    which would land in the first events' latency."""
     if not events:
         return Phase(0, 0.0, np.empty(0), rate)
     processes = ProcessCpu()
@@ -181,7 +189,7 @@ def run_phase(settings: Settings, collector: VerdictCollector, events: list[Uplo
     if pipeline is not None:
         processes.start()
     started = time.time()  # the verdicts' record timestamps are wall clock
-    _publish(settings, events, rate)
+    _publish(producer, settings.topics.uploads, events, rate)
     arrivals = collector.wait_for([event.event_id for event in events], timeout_s=120 + len(events) / 2)
     last = max(arrived for arrived, _ in arrivals)
     cpu_by_role = processes.stop() if pipeline is not None else {}
@@ -202,21 +210,18 @@ def _ingest_threads(pipeline: Any) -> Counter[str]:
     return totals
 
 
-def _publish(settings: Settings, events: list[UploadEvent], rate: float | None, timeout_s: float = 60.0) -> None:
+def _publish(producer: Any, topic: str, events: list[UploadEvent], rate: float | None,
+             timeout_s: float = 60.0) -> None:
     """All at once, or one every 1 / rate seconds (a steady producer below capacity)."""
-    producer = make_producer(settings)
-    try:
-        started = time.monotonic()
-        futures = []
-        for i, event in enumerate(events):
-            if rate:
-                time.sleep(max(0.0, started + i / rate - time.monotonic()))
-            futures.append(producer.send(settings.topics.uploads, key=event.image_id, value=to_json_bytes(event)))
-        producer.flush(timeout=timeout_s)
-        for future in futures:
-            future.get(timeout=timeout_s)
-    finally:
-        producer.close()
+    started = time.monotonic()
+    futures = []
+    for i, event in enumerate(events):
+        if rate:
+            time.sleep(max(0.0, started + i / rate - time.monotonic()))
+        futures.append(producer.send(topic, key=event.image_id, value=to_json_bytes(event)))
+    producer.flush(timeout=timeout_s)
+    for future in futures:
+        future.get(timeout=timeout_s)
 
 
 def _report(result: SuiteResult, phases: dict[str, Phase], idle: dict[str, float], memory: MemoryPeaks,

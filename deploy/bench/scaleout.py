@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import Settings
+from common.kafkaio import make_producer
 from common.messages import UploadEvent
 from common.raysession import ray_session
 from deploy.bench import sizes
@@ -149,14 +150,16 @@ def _measure(settings: Settings, label: str, warmup: list[UploadEvent], events: 
 
     pipeline = Pipeline(settings).start()
     collector = VerdictCollector(settings)
+    producer = make_producer(settings)
     try:
         _wait_for_partitions(pipeline, settings.topics.partitions)
-        run_phase(settings, collector, warmup)
+        run_phase(settings, collector, producer, warmup)
         before = _consumed(pipeline)
-        phase = run_phase(settings, collector, events, pipeline=pipeline)
+        phase = run_phase(settings, collector, producer, events, pipeline=pipeline)
         after = _consumed(pipeline)
         placements = _placements(cluster) if cluster else []
     finally:
+        producer.close()
         collector.close()
         pipeline.stop()
     consumed = {pid: count - before.get(pid, 0) for pid, count in after.items()}
