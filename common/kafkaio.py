@@ -57,7 +57,7 @@ def make_producer(settings: Settings, **overrides: Any) -> Any:
     }
     config.update(overrides)
     if settings.kafka.client == "librdkafka":
-        from common.rdkafka import RdkafkaProducer  # the librdkafka extra: imported only when chosen
+        from common.rdkafka import RdkafkaProducer  # imported only when chosen
         return RdkafkaProducer(config)
     return KafkaProducer(**config)
 

@@ -14,7 +14,7 @@ import re
 import threading
 import time
 
-OTHER_THREADS = "native threads (Ray core worker, gRPC)"
+OTHER_THREADS = "native threads (Ray core worker, gRPC, librdkafka)"
 # Thread names that carry a number or a group id; grouped under one name.
 _GROUPS = (
     (re.compile(r"^.*-network-thread$"), "kafka producer I/O"),  # kafka-python's sender: <client_id>-network-thread

@@ -67,12 +67,16 @@ def test_output_compression_is_a_kafka_setting() -> None:
 
 @pytest.mark.parametrize(("setting", "client_value"), [("none", None), ("gzip", "gzip"), ("zstd", "zstd")])
 def test_producers_compress_as_configured(setting: str, client_value: str | None) -> None:
-    """make_producer hands the setting to kafka-python, which checks the codec library is installed."""
+    """make_producer hands the setting to kafka-python, which checks the codec library is installed,
+    and to librdkafka as its property."""
     from common.kafkaio import make_producer
+    from common.rdkafka import rdkafka_config
 
-    settings = load_settings({"kafka": {"bootstrap": "127.0.0.1:1", "compression_type": setting}}, env={})
+    settings = load_settings({"kafka": {"bootstrap": "127.0.0.1:1", "compression_type": setting,
+                                        "client": "kafka-python"}}, env={})
     producer = make_producer(settings, bootstrap_servers=[], api_version=(2, 8))
     assert producer.config["compression_type"] == client_value
+    assert rdkafka_config({"compression_type": producer.config["compression_type"]})["compression.type"] == setting
     producer.close(timeout=0)
 
 

@@ -1,6 +1,7 @@
-"""poll_records against the real embedded broker: batches the client cannot
-decode are skipped and reported, never raised, never mistaken for idleness,
-and the other partitions keep flowing.
+"""poll_records with kafka-python's consumer (``kafka.client: kafka-python``) against the
+real embedded broker: batches the client cannot decode are skipped and reported, never
+raised, never mistaken for idleness, and the other partitions keep flowing. The same for
+librdkafka's: tests/test_rdkafka.py.
 
 The hostile batches come from real producers: librdkafka with zstd while
 kafka-python's zstd support is hidden (the codec library missing, as it was
@@ -32,8 +33,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def topic(make_settings: Callable[..., Settings]) -> tuple[Settings, str]:
-    """A fresh two-partition topic on the session broker."""
-    settings = make_settings()
+    """A fresh two-partition topic on the session broker, read with kafka-python."""
+    settings = make_settings(kafka={"client": "kafka-python"})
     name = f"poll-{uuid.uuid4().hex[:8]}"
     ensure_topics(settings, {name: {}})
     return settings, name

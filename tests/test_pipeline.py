@@ -6,6 +6,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+import kafka.record.default_records as default_records
 import pytest
 import ray
 from PIL import Image
@@ -14,6 +15,7 @@ from common.messages import ReviewDecision, UploadEvent
 from deploy.clients import publish_events, publish_review, upload_event_for
 from deploy.demo import publish_malformed
 from tests.conftest import wait_for
+from tests.test_kafkaio import patched, produce
 
 SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
 pytestmark = pytest.mark.integration
@@ -146,3 +148,33 @@ def test_review_by_hashes_applies_to_an_image_not_yet_seen(start_pipeline) -> No
     outputs.wait(1)
     verdict = outputs.by_image()["camera-upload"]
     assert (verdict.action, verdict.source, verdict.matched_image_id) == ("block", "review_cache", "elsewhere-1")
+
+
+def test_the_pipeline_on_kafka_python_answers_copies_bad_records_and_learns_a_review(
+        start_pipeline, make_settings, broker, tmp_path) -> None:
+    """Every Kafka client of the pipeline (ingest, sink, review consumer, dedup changelog, bank
+    follower) on kafka-python, the other client (the rest of the suite runs on librdkafka):
+    verdicts, a copy from dedup, dead letters for a malformed record and an undecodable batch,
+    and a review that blocks a later resized copy."""
+    pipeline, outputs = start_pipeline(make_settings(kafka={"client": "kafka-python"}))
+    settings = pipeline.settings
+    cat, other = SAMPLES / "cat.jpg", sorted(SAMPLES.glob("*.jpg"))[0]
+    publish_events(settings, [upload_event_for(cat, inline=False), upload_event_for(other, inline=False)])
+    publish_events(settings, [upload_event_for(cat, inline=True, image_id="cat-copy")])
+    publish_malformed(settings, [b"not json at all"])
+    with patched(default_records, "lz4_encode", lambda data: b"not an lz4 frame"):
+        produce(broker.bootstrap, settings.topics.uploads, 0, [b"z" * 100 for _ in range(3)],
+                compression_type="lz4")
+    outputs.wait(3, dead_letters=2)
+    verdicts = outputs.by_image()
+    assert verdicts["cat"].source == "model" and verdicts["cat"].action != "block"
+    assert (verdicts["cat-copy"].source, verdicts["cat-copy"].matched_image_id) == ("exact_duplicate", "cat")
+    assert [letter.reason for letter in outputs.dead_letters] == ["invalid_event"] * 2
+    assert any(letter.detail.startswith("undecodable record batch") for letter in outputs.dead_letters)
+
+    publish_review(settings, ReviewDecision(image_id="cat", label="adult", reviewer="test"))
+    wait_for(lambda: pipeline.stats().get("reviews_applied", 0) >= 1, message="review applied")
+    publish_events(settings, [upload_event_for(resized(cat, tmp_path), inline=True, image_id="cat-small")])
+    outputs.wait(4, dead_letters=2)
+    verdict = outputs.by_image()["cat-small"]
+    assert (verdict.action, verdict.source, verdict.matched_image_id) == ("block", "review_cache", "cat")

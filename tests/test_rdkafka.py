@@ -1,5 +1,6 @@
-"""``kafka.client: librdkafka``: modstream's producers and consumers over librdkafka, against
-the real embedded broker and, end to end, the real pipeline.
+"""``kafka.client: librdkafka`` (the default): modstream's producers and consumers over
+librdkafka, against the real embedded broker. The rest of the suite runs the pipeline on
+them end to end; test_pipeline runs it once on kafka-python.
 
 The hostile batches come from kafka-python producers with their lz4 encoder or CRC replaced
 (as in test_kafkaio): librdkafka reports such a batch and then fetches it forever, so the
@@ -11,7 +12,6 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 
 import kafka.record.default_records as default_records
 import pytest
@@ -22,17 +22,12 @@ from kafka.structs import OffsetAndMetadata
 from common.config import Settings
 from common.kafkaio import ensure_topics, make_consumer, make_producer, poll_records
 from common.logend import log_end
-from common.messages import ReviewDecision
 from common.rdkafka import RdkafkaConsumer, RdkafkaProducer
 from deploy.broker import EmbeddedBroker
-from deploy.clients import publish_events, publish_review, upload_event_for
-from deploy.demo import publish_malformed
 from tests.conftest import wait_for
 from tests.test_kafkaio import drain, patched, produce, undecodable_count
-from tests.test_pipeline import resized
 from workers.source import KafkaSource
 
-SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
 pytestmark = pytest.mark.integration
 
 
@@ -179,37 +174,6 @@ def test_revoke_commits_the_settled_batch_before_the_partitions_move(first_clien
         source.close()
     reader.close()
     producer.close()
-
-
-def test_the_pipeline_on_librdkafka_answers_copies_bad_records_and_learns_a_review(
-        start_pipeline, rdkafka_settings, broker: EmbeddedBroker, tmp_path) -> None:
-    """Every Kafka client of the pipeline (ingest, sink, review consumer, dedup changelog, bank
-    follower) on librdkafka: verdicts, a copy from dedup, dead letters for a malformed record and
-    an undecodable batch, and a review that blocks a later resized copy."""
-    pipeline, outputs = start_pipeline(rdkafka_settings())
-    settings = pipeline.settings
-    cat, dog = SAMPLES / "cat.jpg", sorted(SAMPLES.glob("*.jpg"))[0]
-    publish_events(settings, [upload_event_for(cat, inline=False), upload_event_for(dog, inline=False)])
-    publish_events(settings, [upload_event_for(cat, inline=True, image_id="cat-copy")])
-    publish_malformed(settings, [b"not json at all"])
-    with patched(default_records, "lz4_encode", lambda data: b"not an lz4 frame"):
-        produce(broker.bootstrap, settings.topics.uploads, 0, [b"z" * 100 for _ in range(3)],
-                compression_type="lz4")
-    outputs.wait(3, dead_letters=2)
-    verdicts = outputs.by_image()
-    assert verdicts["cat"].source == "model" and verdicts["cat"].action != "block"
-    assert (verdicts["cat-copy"].source, verdicts["cat-copy"].matched_image_id) == ("exact_duplicate", "cat")
-    details = sorted(letter.detail for letter in outputs.dead_letters)
-    assert [letter.reason for letter in outputs.dead_letters] == ["invalid_event"] * 2
-    assert any(detail.startswith("undecodable record batch") and "_BAD_COMPRESSION" in detail
-               for detail in details)
-
-    publish_review(settings, ReviewDecision(image_id="cat", label="adult", reviewer="test"))
-    wait_for(lambda: pipeline.stats().get("reviews_applied", 0) >= 1, message="review applied")
-    publish_events(settings, [upload_event_for(resized(cat, tmp_path), inline=True, image_id="cat-small")])
-    outputs.wait(4, dead_letters=2)
-    verdict = outputs.by_image()["cat-small"]
-    assert (verdict.action, verdict.source, verdict.matched_image_id) == ("block", "review_cache", "cat")
 
 
 def test_commit_of_offsets_goes_to_the_group(rdkafka_settings) -> None:
