@@ -160,6 +160,7 @@ def test_the_pipeline_on_kafka_python_answers_copies_bad_records_and_learns_a_re
     settings = pipeline.settings
     cat, other = SAMPLES / "cat.jpg", sorted(SAMPLES.glob("*.jpg"))[0]
     publish_events(settings, [upload_event_for(cat, inline=False), upload_event_for(other, inline=False)])
+    outputs.wait(2)  # the copy, on another partition, must not be read before its original
     publish_events(settings, [upload_event_for(cat, inline=True, image_id="cat-copy")])
     publish_malformed(settings, [b"not json at all"])
     with patched(default_records, "lz4_encode", lambda data: b"not an lz4 frame"):
