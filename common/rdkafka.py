@@ -5,7 +5,7 @@ With ``kafka.client: librdkafka`` (the default) every producer and consumer
 kafka-python's own. Why: kafka-python builds and parses every request in Python under the
 GIL, while librdkafka does its I/O in C threads. ``modstream bench kafkaclients`` measured an
 idle consumer at 5.9% of a core against 0.4%, and 113 against 29 CPU microseconds per record
-produced; ``modstream bench pipeline`` the pipeline's own CPU at 16.9 against 7.3 ms per image.
+produced; ``modstream bench pipeline`` the idle pipeline at 24% of a core against 13-19%.
 
 The pipeline's code (source, sink, review consumer, bank follower, changelog) keeps
 speaking kafka-python's API: ``TopicPartition`` and ``OffsetAndMetadata``, ``poll`` returning
