@@ -54,7 +54,7 @@ def run(args: argparse.Namespace, settings: Settings) -> SuiteResult:
     }
     result = SuiteResult("compression", params={
         "records": count, "flush_every": group, "partitions": partitions, "repeats": args.repeats,
-        "seed": args.seed, "default": settings.kafka.compression_type})
+        "seed": args.seed, "default": settings.kafka.compression_type, "kafka_client": settings.kafka.client})
     table = result.table(
         f"{count:,} records per workload, flushed every {group} over {partitions} partitions; "
         "CPU in microseconds per record",
