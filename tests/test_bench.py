@@ -116,6 +116,8 @@ def test_quick_ray_suites(ray_cluster, broker, tmp_path: Path, capsys: pytest.Ca
     pipeline = _suite(document, "pipeline")
     throughput, latency, costs, by_process, memory = pipeline["tables"]
     assert len(throughput["rows"]) in (6, 7) and all(_column(throughput, "images/s"))  # 7: with (b')
+    rounds = throughput["rows"][0]["images/s"]["samples"]  # --quick repeats twice, on fresh images each time
+    assert len(rounds) == 2 and all(rate > 0 for rate in rounds)
     assert _column(latency, "events") == [12, 12, 12]  # every event got its verdict
     assert all(row["p50 ms"] <= row["p99 ms"] for row in latency["rows"])
     assert _column(costs, "stage")[-1] == "total"

@@ -23,12 +23,19 @@ WARMUP_IMAGES = 8  # joins the consumer group, opens the Serve route, runs the f
 @dataclass(frozen=True)
 class Workload:
     """Events for the three phases: unique images, then copies of them (at full load), then a
-    fresh mix of both in the same proportion (paced at half load); warm-up images go first."""
+    fresh mix of both in the same proportion (paced at half load); warm-up images go first.
+    ``more_unique`` are further rounds of as many fresh unique images, so the unique phase can
+    be repeated in one run (a repeat of the same images would only find copies)."""
 
     warmup: list[UploadEvent]
     unique: list[UploadEvent]
     duplicates: list[UploadEvent]
     mixed: list[UploadEvent]
+    more_unique: tuple[list[UploadEvent], ...] = ()
+
+    @property
+    def unique_rounds(self) -> tuple[list[UploadEvent], ...]:
+        return (self.unique, *self.more_unique)
 
     @property
     def full_load(self) -> list[UploadEvent]:
@@ -63,9 +70,11 @@ class WorkloadWriter:
         return UploadEvent(event_id=str(uuid.uuid4()), image_id=image_id, uri=path.resolve().as_uri())
 
 
-def build_workload(folder: Path, images: int, dup_ratio: float, size: tuple[int, int], seed: int) -> Workload:
+def build_workload(folder: Path, images: int, dup_ratio: float, size: tuple[int, int], seed: int,
+                   unique_rounds: int = 1) -> Workload:
     """images events at full load (unique first, then copies, alternating exact and near),
-    then images / 2 more in the same mix, each copy COPY_LAG events after its original."""
+    then images / 2 more in the same mix, each copy COPY_LAG events after its original; the
+    unique images come in unique_rounds rounds of fresh images (the copies are of the first)."""
     writer = WorkloadWriter(folder, size, seed)
     warmup = [writer.unique(f"w{i:05d}") for i in range(WARMUP_IMAGES)]
     copies = round(images * dup_ratio)
@@ -78,7 +87,9 @@ def build_workload(folder: Path, images: int, dup_ratio: float, size: tuple[int,
         copy = writer.copy_of(mixed_unique[original], f"c{i:05d}", near=i % 2 == 1)
         after.setdefault(min(int(original) + COPY_LAG, len(mixed_unique) - 1), []).append(copy)
     mixed = [event for i, original in enumerate(mixed_unique) for event in (original, *after.get(i, []))]
-    return Workload(warmup, unique, duplicates, mixed)
+    more_unique = tuple([writer.unique(f"r{round_}-{i:05d}") for i in range(len(unique))]
+                        for round_ in range(1, unique_rounds))
+    return Workload(warmup, unique, duplicates, mixed, more_unique)
 
 
 def bundle_with_references(base: Bundle, folder: Path, references: int,
