@@ -72,6 +72,7 @@ log = logging.getLogger(__name__)
 APP_NAME = "modstream"  # the default of settings.classifier.app_name
 MODEL_ATTEMPTS = 6  # a killed classifier replica is replaced within a few seconds
 POLL_TIMEOUT_MS = 100
+BUSY_POLL_S = 1.0  # a poll running longer than this is working (e.g. finding a bad batch's end), not idle
 REVIEW_SYNC_STEP_S = 0.05
 REVIEW_LAGGING_CHECK_S = 0.1  # while reviews lag: a quick look per batch, no full wait
 THREAD_DIED_EXIT_CODE = 70
@@ -121,6 +122,7 @@ class IngestWorker:
         self.last_activity = time.monotonic()
         self._review_lagging = False  # the last wait for reviews ran out of time
         self._poll_failures = 0
+        self._polling_since: float | None = None  # when the running poll began; None between polls
         self.producer = make_producer(settings)
         self.loaders = ThreadPoolExecutor(max_workers=4, thread_name_prefix="load")
         self.classifier = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=settings.classifier.app_name)
@@ -161,7 +163,10 @@ class IngestWorker:
         return self._counts()
 
     def _counts(self) -> dict[str, Any]:
-        idle = self._outstanding == 0 and self._poll_failures == 0  # a partition that cannot be read is not idle
+        polling_since = self._polling_since
+        busy_polling = polling_since is not None and time.monotonic() - polling_since > BUSY_POLL_S
+        # a partition that cannot be read, or a poll still at work on a bad batch, is not idle
+        idle = self._outstanding == 0 and self._poll_failures == 0 and not busy_polling
         partitions = len(self.source.ledger.owned()) if self.source is not None else 0
         return {"worker": self.worker_index, "pid": os.getpid(), **self.counts, "idle": idle, "partitions": partitions,
                 "inflight_batches": self.batches.qsize(), "idle_for_s": time.monotonic() - self.last_activity,
@@ -211,6 +216,7 @@ class IngestWorker:
     def _poll(self, source: KafkaSource) -> SourceBatch | None:
         """One poll; a failing poll is retried with a back-off (not idle meanwhile), and only one that
         keeps failing for minutes takes the thread down, so the actor restarts with a new consumer."""
+        self._polling_since = time.monotonic()
         try:
             polled = source.poll(POLL_TIMEOUT_MS, self.settings.pipeline.poll_records)
         except Exception as exc:
@@ -220,6 +226,8 @@ class IngestWorker:
             log.warning("poll failed (%d in a row): %s", self._poll_failures, describe(exc))
             self.stopping.wait(min(5.0, 0.1 * 2**self._poll_failures))
             return None
+        finally:
+            self._polling_since = None
         self._poll_failures = 0
         return polled
 
