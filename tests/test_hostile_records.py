@@ -1,6 +1,8 @@
-"""Hostile records, each followed by a good image on one partition, through `modstream run`:
-every good image gets its verdict, every hostile record its dead letter with the right
-reason, nothing stalls, and `--exit-when-idle` exits."""
+"""Hostile records, each followed by a good image on one partition, through `modstream run`
+on the default Kafka client: every good image gets its verdict, every hostile record its
+dead letter with the right reason, nothing stalls, and `--exit-when-idle` exits. Besides
+bad events, the producer sends record batches no client can decode (a corrupt lz4 payload,
+a failing CRC): each becomes one dead letter at its first offset, skipped to exactly its end."""
 
 from __future__ import annotations
 
@@ -12,12 +14,14 @@ import sys
 import uuid
 from pathlib import Path
 
+import kafka.record.default_records as default_records
 import pytest
 import yaml
 
 from common.kafkaio import ensure_topics, make_producer
 from common.messages import MAX_ORIGINAL_BYTES, record_placeholder_id, to_json_bytes
 from tests.conftest import Outputs, wait_for
+from tests.test_kafkaio import patched, produce
 
 SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
 SECRETS = (b"hunter2", b"tok-secret")
@@ -63,6 +67,14 @@ def hostile_corpus(folder: Path) -> list[tuple[str, bytes | None, set[str]]]:
     ]
 
 
+# Batches a hostile producer's client wrote wrong: name, the patch that breaks it, records, codec,
+# and the start of the error librdkafka reports for it.
+UNDECODABLE_BATCHES = (
+    ("corrupt lz4 batch", ("lz4_encode", lambda data: b"not an lz4 frame"), 3, "lz4", "_BAD_COMPRESSION"),
+    ("batch failing its CRC", ("calc_crc32c", lambda data: 12345), 2, None, "_BAD_MSG"),
+)
+
+
 def expected_id(value: bytes | None, topic: str, offset: int) -> str:
     try:
         event_id = json.loads(value or b"").get("event_id")
@@ -82,14 +94,30 @@ def test_hostile_records_never_stop_the_stream_and_run_exits_when_idle(make_sett
     producer = make_producer(settings)
     hostile: dict[str, tuple[str, set[str]]] = {}
     good: dict[str, str] = {}
-    for index, (name, value, reasons) in enumerate(hostile_corpus(tmp_path)):
-        offset = producer.send(settings.topics.uploads, key="hostile", value=value).get(timeout=30).offset
-        hostile[expected_id(value, settings.topics.uploads, offset)] = (name, reasons)
+    undecodable: dict[str, str] = {}  # dead letter id -> what its detail must say
+
+    def send_good(index: int) -> int:
+        """A good image after each hostile record; returns the offset after it."""
         image = goods[index % len(goods)]
         event = upload(data_b64=base64.b64encode(image.read_bytes()).decode()) if index % 2 else \
             upload(uri=image.as_uri())
-        producer.send(settings.topics.uploads, key=event["image_id"], value=as_bytes(event)).get(timeout=30)
+        sent = producer.send(settings.topics.uploads, key=event["image_id"], value=as_bytes(event)).get(timeout=30)
         good[event["event_id"]] = image.name
+        return sent.offset + 1
+
+    corpus = hostile_corpus(tmp_path)
+    for index, (name, value, reasons) in enumerate(corpus):
+        offset = producer.send(settings.topics.uploads, key="hostile", value=value).get(timeout=30).offset
+        hostile[expected_id(value, settings.topics.uploads, offset)] = (name, reasons)
+        next_offset = send_good(index)
+    for index, (name, (function, broken), records, codec, error) in enumerate(UNDECODABLE_BATCHES, len(corpus)):
+        with patched(default_records, function, broken):
+            produce(settings.kafka.bootstrap, settings.topics.uploads, 0, [b"z" * 100] * records,
+                    compression_type=codec)
+        letter_id = record_placeholder_id(settings.topics.uploads, 0, next_offset)
+        hostile[letter_id] = (name, {"invalid_event"})
+        undecodable[letter_id] = f"skipped to {next_offset + records}: {error}"
+        next_offset = send_good(index)
     producer.close()
 
     config = tmp_path / "modstream.yaml"
@@ -113,6 +141,8 @@ def test_hostile_records_never_stop_the_stream_and_run_exits_when_idle(make_sett
     for event_id, (name, reasons) in hostile.items():
         assert event_id in letters, f"no dead letter for {name}"
         assert letters[event_id].reason in reasons, (name, letters[event_id].reason, letters[event_id].detail)
+    for event_id, said in undecodable.items():
+        assert said in letters[event_id].detail, letters[event_id].detail
     for letter in outputs.dead_letters:
         wire = to_json_bytes(letter)
         assert len(wire) < 2 * MAX_ORIGINAL_BYTES + 4096, letter.event_id
