@@ -58,7 +58,9 @@ UNDECODABLE_CODES = frozenset({
     confluent_kafka.KafkaError._BAD_MSG, confluent_kafka.KafkaError._BAD_COMPRESSION,
     confluent_kafka.KafkaError._NOT_IMPLEMENTED,
 })
-PROBE_WAIT_S = 2.0  # per probe of a bad batch's extent; a probe that sees nothing counts as "past it"
+# Per probe of a bad batch's extent, once the probe consumer is connected; a probe that sees nothing
+# counts as "past it". 2 s ran out on a loaded 2-core host, and the skip fell short.
+PROBE_WAIT_S = 5.0
 # A future's wait for its report, per poll. A poll returns with the first report it serves, but a
 # report served by another thread's poll or flush does not wake this one (a whole slice lost).
 REPORT_SLICE_S = 0.005
@@ -442,18 +444,25 @@ class RdkafkaConsumer:
             raise _as_kafka_error(exc) from exc
         records: list[ConsumerRecord] = []
         skipped: list[SkippedBatch] = []
+        misread: dict[TopicPartition, tuple[int, str]] = {}  # reports outside the log: fetch again after the loop
         for message in messages:
             error = message.error()
             tp = TopicPartition(message.topic(), message.partition()) if message.topic() else None
             offset = message.offset()
             offset = -1 if offset is None else offset
             if tp is not None and offset < self._skipped_to.get(tp, -1):
+                if tp not in {batch.partition for batch in skipped} and error is not None \
+                        and error.code() in UNDECODABLE_CODES:
+                    self._resume_short_skip(tp, offset)
                 continue  # fetched before the seek past a bad batch
             if error is None:
                 assert tp is not None
                 self._starts.pop(tp, None)
                 records.append(_record(message))
             elif error.code() in UNDECODABLE_CODES and tp is not None and offset >= 0:
+                if not self._in_log(tp, offset):
+                    misread[tp] = (offset, f"{error.name()}: {error.str()}")
+                    continue
                 batch = self._skip(tp, offset, f"{error.name()}: {error.str()}")
                 skipped.append(batch)
                 self.on_skipped(batch)
@@ -461,6 +470,9 @@ class RdkafkaConsumer:
                 raise RdkafkaError(error)
             else:  # librdkafka recovers from the rest itself (reconnects, leader moves)
                 log.warning("consumer: %s: %s", error.name(), error.str())
+        for tp, (offset, said) in misread.items():
+            if tp not in {batch.partition for batch in skipped}:
+                self._refetch(tp, offset, said)  # after the loop: the position counts every record delivered
         return records, skipped
 
     def _take(self, limit: int, timeout_s: float) -> list[confluent_kafka.Message]:
@@ -477,24 +489,54 @@ class RdkafkaConsumer:
         return [first, *self._consumer.consume(limit - 1, 0)] if limit > 1 else [first]
 
     def _skip(self, partition: TopicPartition, offset: int, error: str) -> SkippedBatch:
-        end = self._batch_end(partition, offset)
-        self._skipped_to[partition] = end
-        self._starts.pop(partition, None)
-        try:
-            self._consumer.seek(confluent_kafka.TopicPartition(partition.topic, partition.partition, end))
-        except confluent_kafka.KafkaException as exc:
-            raise _as_kafka_error(exc) from exc
+        end = self._batch_end(partition, offset, offset)
+        self._fetch_from(partition, end)
         return SkippedBatch(partition, offset, end, error)
 
-    def _batch_end(self, partition: TopicPartition, base: int) -> int:
-        """The first offset after the bad batch that starts at ``base``.
+    def _in_log(self, partition: TopicPartition, offset: int) -> bool:
+        low, listed_end = self._watermarks(partition)
+        return low <= offset < log_end(listed_end, self.highwater(partition))
+
+    def _refetch(self, partition: TopicPartition, offset: int, error: str) -> None:
+        """An undecodable-batch report at an offset outside the partition's log is no batch of it:
+        librdkafka read record bytes as a batch header (seen on the embedded broker after a batch
+        with a failing CRC: offset 0x7a7a7a7a7a7a7a7a, the records' own 'z' bytes). Skipping to
+        there would pass every later record; fetch again from the next record instead."""
+        position = self.position(partition)
+        log.warning("topic %s partition %d: %s reported at offset %d, outside the log; fetching again from %d",
+                    partition.topic, partition.partition, error, offset, position)
+        self._fetch_from(partition, position)
+
+    def _resume_short_skip(self, partition: TopicPartition, base: int) -> None:
+        """The bad batch at ``base`` reported again after the seek past it: either a report fetched
+        before the seek, or a probe that timed out made the skip fall short. A probe at the short
+        end tells which; a short skip goes on from there (its dead letter was already sent)."""
+        short_end = self._skipped_to[partition]
+        if not self._inside(partition, base, short_end):
+            return
+        end = self._batch_end(partition, base, short_end)
+        log.warning("topic %s partition %d: the skip past the bad batch at offset %d stopped short at %d; "
+                    "skipped on to %d", partition.topic, partition.partition, base, short_end, end)
+        self._fetch_from(partition, end)
+
+    def _fetch_from(self, partition: TopicPartition, offset: int) -> None:
+        """Seek, and drop whatever below ``offset`` was fetched before the seek."""
+        self._skipped_to[partition] = offset
+        self._starts.pop(partition, None)
+        try:
+            self._consumer.seek(confluent_kafka.TopicPartition(partition.topic, partition.partition, offset))
+        except confluent_kafka.KafkaException as exc:
+            raise _as_kafka_error(exc) from exc
+
+    def _batch_end(self, partition: TopicPartition, base: int, inside: int) -> int:
+        """The first offset after the bad batch that starts at ``base``, searched from ``inside``.
 
         librdkafka reports every offset inside the batch as an error at ``base``, so the end is the
         first offset that does not: gallop, then bisect. A probe that sees nothing in time counts as
-        past the batch, which can only make the skip shorter (the rest is found on the next try),
-        never skip a readable record."""
+        past the batch, which can only make the skip shorter (the rest is found when the batch is
+        reported again), never skip a readable record."""
         high = log_end(self._watermarks(partition)[1], self.highwater(partition))  # a listed end can be low
-        inside, step = base, 1
+        step = 1
         while inside + step < high and self._inside(partition, base, inside + step):
             inside, step = inside + step, step * 2
         outside = min(inside + step, high)
@@ -512,6 +554,7 @@ class RdkafkaConsumer:
             probe_config = {**self._rdkafka_config, "group.id": f"{self._rdkafka_config['group.id']}-probe",
                             "fetch.wait.max.ms": 10}
             self._probe = confluent_kafka.Consumer(probe_config)
+            _bootstrap(self._probe, self.config)  # connected before the first probe's clock starts
         self._probe.assign([confluent_kafka.TopicPartition(partition.topic, partition.partition, offset)])
         try:
             deadline = time.monotonic() + PROBE_WAIT_S
