@@ -129,9 +129,15 @@ def test_hostile_records_never_stop_the_stream_and_run_exits_when_idle(make_sett
     assert run.returncode == 0, run.stderr[-3000:]
 
     outputs = Outputs(settings)
-    wait_for(lambda: outputs.poll() or (len({v.event_id for v in outputs.verdicts}) >= len(good)
-                                        and len({d.event_id for d in outputs.dead_letters}) >= len(hostile)),
-             timeout_s=60, message="every answer on the topics")
+    try:
+        wait_for(lambda: outputs.poll() or (len({v.event_id for v in outputs.verdicts}) >= len(good)
+                                            and len({d.event_id for d in outputs.dead_letters}) >= len(hostile)),
+                 timeout_s=60, message="every answer on the topics")
+    except AssertionError as timed_out:
+        unanswered = [good[e] for e in set(good) - {v.event_id for v in outputs.verdicts}] + \
+            [name for e, (name, _) in hostile.items() if e not in {d.event_id for d in outputs.dead_letters}]
+        raise AssertionError(f"{timed_out}; unanswered: {unanswered}; modstream run said:\n{run.stderr[-6000:]}") \
+            from None
     answers: dict[str, set] = {}
     for verdict in outputs.verdicts:
         answers.setdefault(verdict.event_id, set()).add((verdict.action, verdict.label, verdict.source))
