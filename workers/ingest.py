@@ -197,14 +197,7 @@ class IngestWorker:
                     continue
                 self.last_activity = time.monotonic()
                 self._count_outstanding(+1)
-                batch = self._prepare(polled)
-                while not self.stopping.is_set():
-                    try:
-                        self.batches.put(batch, timeout=0.1)
-                        break
-                    except queue.Full:
-                        source.commit()
-                else:
+                if not self._enqueue(self._prepare(polled), source):
                     self._count_outstanding(-1)
                     break  # stopping: this batch was not scored, so its offsets stay uncommitted
             self.drain()
@@ -212,6 +205,19 @@ class IngestWorker:
         finally:
             self.batches.put(None)
             source.close()
+
+    def _enqueue(self, batch: Batch, source: KafkaSource) -> bool:
+        """Queue a polled batch for scoring, committing while the queue is full. False only when
+        stopping finds it full: a batch polled when the stop came is still scored if there is room
+        (the drain finishes what was polled; before, SIGTERM during its decode dropped it)."""
+        while True:
+            try:
+                self.batches.put(batch, timeout=0.1)
+                return True
+            except queue.Full:
+                if self.stopping.is_set():
+                    return False
+                source.commit()
 
     def _poll(self, source: KafkaSource) -> SourceBatch | None:
         """One poll; a failing poll is retried with a back-off (not idle meanwhile), and only one that
