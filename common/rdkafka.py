@@ -444,6 +444,7 @@ class RdkafkaConsumer:
             raise _as_kafka_error(exc) from exc
         records: list[ConsumerRecord] = []
         skipped: list[SkippedBatch] = []
+        skipped_here: set[TopicPartition] = set()  # later reports of these in this list were fetched before the seek
         misread: dict[TopicPartition, tuple[int, str]] = {}  # reports outside the log: fetch again after the loop
         for message in messages:
             error = message.error()
@@ -451,8 +452,7 @@ class RdkafkaConsumer:
             offset = message.offset()
             offset = -1 if offset is None else offset
             if tp is not None and offset < self._skipped_to.get(tp, -1):
-                if tp not in {batch.partition for batch in skipped} and error is not None \
-                        and error.code() in UNDECODABLE_CODES:
+                if tp not in skipped_here and error is not None and error.code() in UNDECODABLE_CODES:
                     self._resume_short_skip(tp, offset)
                 continue  # fetched before the seek past a bad batch
             if error is None:
@@ -460,18 +460,20 @@ class RdkafkaConsumer:
                 self._starts.pop(tp, None)
                 records.append(_record(message))
             elif error.code() in UNDECODABLE_CODES and tp is not None and offset >= 0:
-                if not self._in_log(tp, offset):
-                    misread[tp] = (offset, f"{error.name()}: {error.str()}")
+                said, (low, high) = f"{error.name()}: {error.str()}", self._log_bounds(tp)
+                if not low <= offset < high:
+                    misread[tp] = (offset, said)
                     continue
-                batch = self._skip(tp, offset, f"{error.name()}: {error.str()}")
+                batch = self._skip(tp, offset, high, said)
                 skipped.append(batch)
+                skipped_here.add(tp)
                 self.on_skipped(batch)
             elif error.fatal():
                 raise RdkafkaError(error)
             else:  # librdkafka recovers from the rest itself (reconnects, leader moves)
                 log.warning("consumer: %s: %s", error.name(), error.str())
         for tp, (offset, said) in misread.items():
-            if tp not in {batch.partition for batch in skipped}:
+            if tp not in skipped_here:
                 self._refetch(tp, offset, said)  # after the loop: the position counts every record delivered
         return records, skipped
 
@@ -488,14 +490,15 @@ class RdkafkaConsumer:
             return []
         return [first, *self._consumer.consume(limit - 1, 0)] if limit > 1 else [first]
 
-    def _skip(self, partition: TopicPartition, offset: int, error: str) -> SkippedBatch:
-        end = self._batch_end(partition, offset, offset)
+    def _skip(self, partition: TopicPartition, offset: int, high: int, error: str) -> SkippedBatch:
+        end = self._batch_end(partition, offset, offset, high)
         self._fetch_from(partition, end)
         return SkippedBatch(partition, offset, end, error)
 
-    def _in_log(self, partition: TopicPartition, offset: int) -> bool:
+    def _log_bounds(self, partition: TopicPartition) -> tuple[int, int]:
+        """The partition's first offset and its end (a listed end can be low: common.logend)."""
         low, listed_end = self._watermarks(partition)
-        return low <= offset < log_end(listed_end, self.highwater(partition))
+        return low, log_end(listed_end, self.highwater(partition))
 
     def _refetch(self, partition: TopicPartition, offset: int, error: str) -> None:
         """An undecodable-batch report at an offset outside the partition's log is no batch of it:
@@ -514,7 +517,7 @@ class RdkafkaConsumer:
         short_end = self._skipped_to[partition]
         if not self._inside(partition, base, short_end):
             return
-        end = self._batch_end(partition, base, short_end)
+        end = self._batch_end(partition, base, short_end, self._log_bounds(partition)[1])
         log.warning("topic %s partition %d: the skip past the bad batch at offset %d stopped short at %d; "
                     "skipped on to %d", partition.topic, partition.partition, base, short_end, end)
         self._fetch_from(partition, end)
@@ -528,14 +531,14 @@ class RdkafkaConsumer:
         except confluent_kafka.KafkaException as exc:
             raise _as_kafka_error(exc) from exc
 
-    def _batch_end(self, partition: TopicPartition, base: int, inside: int) -> int:
-        """The first offset after the bad batch that starts at ``base``, searched from ``inside``.
+    def _batch_end(self, partition: TopicPartition, base: int, inside: int, high: int) -> int:
+        """The first offset after the bad batch that starts at ``base``, searched from ``inside``
+        up to the log's end ``high``.
 
         librdkafka reports every offset inside the batch as an error at ``base``, so the end is the
         first offset that does not: gallop, then bisect. A probe that sees nothing in time counts as
         past the batch, which can only make the skip shorter (the rest is found when the batch is
         reported again), never skip a readable record."""
-        high = log_end(self._watermarks(partition)[1], self.highwater(partition))  # a listed end can be low
         step = 1
         while inside + step < high and self._inside(partition, base, inside + step):
             inside, step = inside + step, step * 2
